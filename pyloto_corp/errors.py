@@ -1,0 +1,33 @@
+"""The few exceptions this package raises on purpose.
+
+They subclass built-ins so callers that only know ``ValueError`` or ``RuntimeError`` still catch
+them; their messages name the variable and the fix, never a secret value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ConfigurationError(ValueError):
+    """The settings cannot run in this environment; raised once, at app init, with every problem."""
+
+    def __init__(self, environment: str, problems: Iterable[str]) -> None:
+        self.environment = environment
+        self.problems: tuple[str, ...] = tuple(problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        lines = [f"Invalid configuration for environment '{environment}' ({count} {noun}):"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[type[ConfigurationError], tuple[str, tuple[str, ...]]]:
+        return (type(self), (self.environment, self.problems))
+
+
+class SessionStoreUnavailable(RuntimeError):
+    """The session store did not answer in time; the request is answered with 503, not 500."""
+
+
+class SessionTooLarge(ValueError):
+    """The encoded session exceeds what the backend may store; the stored copy is left intact."""

@@ -1,0 +1,11 @@
+"""Server-side session stores for Flask on Cloud Run, built on Flask-Session.
+
+Backends live one per module (``memory``, ``redis``, ``firestore``) and are imported only when
+chosen, so a Redis deployment never pays for importing google.cloud.
+"""
+
+from __future__ import annotations
+
+from .extension import EXTENSION_KEY, SessionStore, StoreState
+
+__all__ = ["EXTENSION_KEY", "SessionStore", "StoreState"]

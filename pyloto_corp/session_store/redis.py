@@ -1,0 +1,109 @@
+"""Redis store: Flask-Session's Redis interface, one round trip per read.
+
+Flask-Session refreshes the expiry by rewriting the whole session after every request (GET then
+SET). Here the read is ``GETEX key EX lifetime``, which returns the session and slides its idle
+timeout in one command, so a request that only reads the session costs one round trip, and only a
+modified session is written back.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from flask import Flask, Response
+from flask_session.base import ServerSideSession
+from flask_session.redis import RedisSessionInterface as _FlaskSessionRedisInterface
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ..config.settings import Settings, redact_url
+from ..errors import SessionStoreUnavailable
+from .base import StoreInterfaceMixin, decode_session, encode_session
+
+#: Retries on connection errors and timeouts only (redis-py's Retry); a bad command is not retried.
+RETRIES = 2
+
+
+def _lifetime_seconds(lifetime: timedelta) -> int:
+    return max(1, int(lifetime.total_seconds()))
+
+
+class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
+    backend_name = "redis"
+
+    def __init__(
+        self, app: Flask, client: redis.Redis, *, key_prefix: str, display_url: str
+    ) -> None:
+        super().__init__(app, client=client, key_prefix=key_prefix)
+        self.display_url = display_url
+
+    def _unavailable(self, exc: redis.RedisError) -> SessionStoreUnavailable:
+        return SessionStoreUnavailable(
+            f"Redis session store at {self.display_url} failed: {type(exc).__name__}"
+        )
+
+    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
+        ttl = _lifetime_seconds(self.app.permanent_session_lifetime)
+        try:
+            data = self.client.getex(store_id, ex=ttl)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return None if data is None else decode_session(data, store_id)
+
+    def _upsert_session(
+        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
+    ) -> None:
+        data = encode_session(session)
+        try:
+            self.client.set(store_id, data, ex=_lifetime_seconds(session_lifetime))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _delete_session(self, store_id: str) -> None:
+        try:
+            self.client.delete(store_id)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+        if session and not session.modified:
+            # GETEX already slid the stored expiry; only the cookie's expiry needs refreshing.
+            if session.accessed:
+                response.vary.add("Cookie")
+            if self.should_set_cookie(app, session):
+                self.set_session_cookie(app, session, response)
+            return
+        super().save_session(app, session, response)
+
+
+def create_client(settings: Settings) -> redis.Redis:
+    """A client from REDIS_URL with timeouts and bounded retries; it connects on first use."""
+    assert settings.redis_url is not None  # guaranteed by Settings.validate()
+    options: dict[str, Any] = {}
+    if urlsplit(settings.redis_url).scheme == "rediss":
+        # Memorystore's certificate names an IP: verify against its CA, optionally skip the name.
+        options["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+        options["ssl_check_hostname"] = settings.redis_ssl_check_hostname
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+        **options,
+    )
+
+
+def create_interface(
+    app: Flask, settings: Settings, client: redis.Redis | None = None
+) -> RedisSessionInterface:
+    return RedisSessionInterface(
+        app,
+        client if client is not None else create_client(settings),
+        key_prefix=settings.session_key_prefix,
+        display_url=redact_url(settings.redis_url) or "(client given by the caller)",
+    )

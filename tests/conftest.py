@@ -1,0 +1,75 @@
+"""Shared fixtures: environment reset, an app factory, and the real services."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from flask import Flask
+
+from pyloto_corp import create_app
+from pyloto_corp.config.settings import Settings, Var
+from tests.services import RedisServer
+
+#: A valid secret for environments that require one; tests assert it never leaks.
+SECRET = "s3cr3t-" + "k" * 40
+
+_CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with none of the service's variables set, and no .env loading."""
+    for name in _CONFIG_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("FLASK_SKIP_DOTENV", "1")
+
+
+MakeApp = Callable[..., Flask]
+
+
+@pytest.fixture
+def make_app() -> MakeApp:
+    """``make_app(ENV="production", ...)``: an app built from exactly these variables."""
+
+    def factory(**environ: str) -> Flask:
+        app = create_app(Settings.from_env(environ))
+        app.testing = True
+        return app
+
+    return factory
+
+
+@pytest.fixture
+def app(make_app: MakeApp) -> Flask:
+    return make_app(ENV="test")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the session's redis-server, emptied before each test."""
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_env(redis_client: redis.Redis, redis_server: RedisServer) -> dict[str, str]:
+    """Variables for a valid production app on the test redis-server."""
+    return {
+        Var.ENV: "production",
+        Var.SESSION_STORE_BACKEND: "redis",
+        Var.REDIS_URL: redis_server.url,
+        Var.SECRET_KEY: SECRET,
+    }

@@ -1,0 +1,163 @@
+"""One contract every backend meets, each against its real service."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from flask import Flask, session
+from werkzeug.test import TestResponse
+
+from pyloto_corp.session_store import SessionStore
+from tests.conftest import MakeApp
+
+
+@dataclass
+class Harness:
+    """An app on one backend plus direct access to what that backend stored."""
+
+    name: str
+    make: Callable[[], Flask]
+    read_raw: Callable[[Flask, str], bytes | None]
+    write_raw: Callable[[Flask, str, bytes], None]
+
+    def store_id(self, app: Flask, sid: str) -> str:
+        prefix = SessionStore.state(app).settings.session_key_prefix
+        return prefix + hashlib.sha256(sid.encode()).hexdigest()
+
+
+def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    def cache(app: Flask):  # type: ignore[no-untyped-def]
+        return app.session_interface.cache  # type: ignore[attr-defined]
+
+    return Harness(
+        "memory",
+        lambda: make_app(ENV="test"),
+        lambda app, key: cache(app).get(key),
+        lambda app, key, data: cache(app).set(key, data),
+    )
+
+
+def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    environ = request.getfixturevalue("redis_env")
+    client = request.getfixturevalue("redis_client")
+    return Harness(
+        "redis",
+        lambda: make_app(**environ),
+        lambda app, key: client.get(key),
+        lambda app, key, data: client.set(key, data, ex=600),
+    )
+
+
+HARNESSES = {"memory": _memory, "redis": _redis}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
+    return HARNESSES[request.param](make_app, request)
+
+
+def _sid(response: TestResponse) -> str:
+    header = response.headers.get("Set-Cookie", "")
+    assert header.startswith("session="), header
+    return header.split(";", 1)[0].split("=", 1)[1]
+
+
+def test_round_trip(backend: Harness) -> None:
+    client = backend.make().test_client()
+    assert client.get("/session/counter").json == {"counter": 0}
+    assert client.post("/session/counter").json == {"counter": 1}
+    assert client.post("/session/counter").json == {"counter": 2}
+    assert client.get("/session/counter").json == {"counter": 2}
+
+
+def test_request_without_session_sets_no_cookie_and_stores_nothing(backend: Harness) -> None:
+    app = backend.make()
+    response = app.test_client().get("/session/counter")
+    assert "Set-Cookie" not in response.headers
+
+
+def test_store_key_is_a_hash_of_the_session_id(backend: Harness) -> None:
+    app = backend.make()
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    assert backend.read_raw(app, SessionStore.state(app).settings.session_key_prefix + sid) is None
+    assert backend.read_raw(app, backend.store_id(app, sid)) is not None
+
+
+def test_logout_deletes_the_stored_session_and_the_cookie(backend: Harness) -> None:
+    app = backend.make()
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    response = client.delete("/session")
+    assert "session=;" in response.headers["Set-Cookie"]
+    assert backend.read_raw(app, backend.store_id(app, sid)) is None
+    # The old cookie, replayed, opens an empty session.
+    replay = app.test_client()
+    replay.set_cookie("session", sid)
+    assert replay.get("/session/counter").json == {"counter": 0}
+
+
+def test_regenerate_moves_the_session_to_a_new_id(backend: Harness) -> None:
+    app = backend.make()
+
+    @app.post("/login")
+    def login() -> dict[str, bool]:
+        app.session_interface.regenerate(session)  # type: ignore[attr-defined]
+        return {"ok": True}
+
+    client = app.test_client()
+    old_sid = _sid(client.post("/session/counter"))
+    new_sid = _sid(client.post("/login"))
+    assert new_sid != old_sid
+    assert backend.read_raw(app, backend.store_id(app, old_sid)) is None
+    assert client.get("/session/counter").json == {"counter": 1}
+
+
+@pytest.mark.parametrize("cookie", ["unknown-id", "a" * 4000, "../../etc", "*", "sess?on[x]"])
+def test_unknown_cookie_gets_a_fresh_session(backend: Harness, cookie: str) -> None:
+    app = backend.make()
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    assert client.get("/session/counter").json == {"counter": 0}
+    response = client.post("/session/counter")
+    assert response.json == {"counter": 1}
+    assert _sid(response) != cookie
+
+
+class _Exploit:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (self.path.write_text, ("pwned",))
+
+
+@pytest.mark.parametrize("payload", ["garbage", "pickle_dict", "pickle_exploit", "msgpack_list"])
+def test_corrupt_or_hostile_stored_data_gives_a_fresh_session(
+    backend: Harness, payload: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "pwned"
+    raw = {
+        "garbage": b"\xc1\xff not a session",
+        "pickle_dict": pickle.dumps({"counter": 99}),
+        "pickle_exploit": pickle.dumps(_Exploit(marker)),
+        "msgpack_list": b"\x92\x01\x02",
+    }[payload]
+    app = backend.make()
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    backend.write_raw(app, backend.store_id(app, sid), raw)
+
+    with caplog.at_level(logging.WARNING, logger="pyloto_corp"):
+        assert client.get("/session/counter").json == {"counter": 0}
+    assert not marker.exists()
+    assert "Discarded undecodable session data" in caplog.text
+    assert sid not in caplog.text

@@ -1,0 +1,142 @@
+"""The SessionStore extension: fail-fast validation at init and the Flask-Session binding."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from flask import Flask
+
+from pyloto_corp import ConfigurationError, SessionStore, Settings
+from pyloto_corp.session_store import EXTENSION_KEY
+from pyloto_corp.session_store.memory import MemorySessionInterface
+from pyloto_corp.session_store.redis import RedisSessionInterface
+from tests.conftest import SECRET
+from tests.services import RedisServer
+
+
+def test_init_app_registers_state_in_app_extensions() -> None:
+    app = Flask(__name__)
+    store = SessionStore()
+    settings = Settings(environment="test")
+    store.init_app(app, settings)
+    state = app.extensions[EXTENSION_KEY]
+    assert state.settings is settings
+    assert app.session_interface is state.interface
+    assert isinstance(state.interface, MemorySessionInterface)
+    assert not hasattr(store, "app")
+
+
+def test_one_extension_object_serves_several_apps() -> None:
+    store = SessionStore()
+    first, second = Flask("first"), Flask("second")
+    store.init_app(first, Settings(environment="test"))
+    store.init_app(
+        second, Settings(environment="dev", session_lifetime=Settings().session_lifetime)
+    )
+    assert first.session_interface is not second.session_interface
+    assert SessionStore.state(first).settings.environment == "test"
+    assert SessionStore.state(second).settings.environment == "development"
+
+
+def test_second_registration_is_refused() -> None:
+    app = Flask(__name__)
+    SessionStore(app, Settings())
+    with pytest.raises(RuntimeError, match="already registered"):
+        SessionStore().init_app(app, Settings())
+
+
+def test_state_of_an_unregistered_app_says_how_to_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"call SessionStore\(\).init_app\(app\)"):
+        SessionStore.state(Flask(__name__))
+
+
+@pytest.mark.parametrize("environment", ["production", "staging", "prod", "stage"])
+def test_memory_in_deployed_environments_fails_at_init(environment: str) -> None:
+    app = Flask(__name__)
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(app, Settings(environment=environment, secret_key=SECRET))
+    error = caught.value
+    assert isinstance(error, ValueError)
+    canonical = "production" if environment.startswith("prod") else "staging"
+    assert error.environment == canonical
+    assert f"environment '{canonical}'" in str(error)
+    assert EXTENSION_KEY not in app.extensions
+    assert app.session_interface.__class__.__module__.startswith("flask.")
+
+
+def test_error_lists_every_problem_and_no_secret() -> None:
+    settings = Settings(
+        environment="production",
+        session_store_backend="redis",
+        secret_key="short-secret-value",
+        redis_url="http://:redis-password-42@cache:6379",
+        whatsapp_access_token="EAAG-token-999",
+        session_cookie_secure=False,
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(Flask(__name__), settings)
+    error = caught.value
+    assert len(error.problems) == 3
+    text = str(error) + repr(error) + repr(error.args)
+    assert "(3 problems)" in text
+    for secret in ("short-secret-value", "redis-password-42", "EAAG-token-999"):
+        assert secret not in text
+
+
+def test_flask_config_follows_the_settings() -> None:
+    app = Flask(__name__)
+    SessionStore(app, Settings(environment="test", session_cookie_samesite="strict"))
+    assert app.config["SESSION_COOKIE_SAMESITE"] == "Strict"
+    assert app.config["SESSION_COOKIE_HTTPONLY"] is True
+    assert app.config["SESSION_COOKIE_SECURE"] is False
+    assert app.config["PERMANENT_SESSION_LIFETIME"] == Settings().session_lifetime
+
+
+def test_development_without_secret_generates_one_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pyloto_corp")
+    first, second = Flask("a"), Flask("b")
+    SessionStore(first, Settings())
+    SessionStore(second, Settings())
+    assert len(first.config["SECRET_KEY"]) >= 32
+    assert first.config["SECRET_KEY"] != second.config["SECRET_KEY"]
+    assert "SECRET_KEY is not set; using a random key" in caplog.text
+    assert first.config["SECRET_KEY"] not in caplog.text
+
+
+def test_production_with_redis_binds_flask_session_without_connecting() -> None:
+    """Connection problems are the readiness probe's business, not a boot crash."""
+    app = Flask(__name__)
+    settings = Settings(
+        environment="production",
+        session_store_backend="redis",
+        secret_key=SECRET,
+        redis_url="redis://:pw@127.0.0.1:1/0",
+    )
+    SessionStore(app, settings)
+    interface = app.session_interface
+    assert isinstance(interface, RedisSessionInterface)
+    kwargs = interface.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == settings.redis_socket_timeout
+    assert kwargs["socket_connect_timeout"] == settings.redis_connect_timeout
+    assert kwargs["retry"].get_retries() == 2
+    assert "pw" not in interface.display_url
+
+
+def test_caller_may_pass_its_own_redis_client(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    app = Flask(__name__)
+    SessionStore(
+        app,
+        Settings(environment="test", session_store_backend="redis", redis_url=redis_server.url),
+        client=client,
+    )
+    assert app.session_interface.client is client
+    client.close()
+
+
+def test_firestore_is_not_available_yet() -> None:
+    with pytest.raises(ConfigurationError, match="firestore is not available yet"):
+        SessionStore(Flask(__name__), Settings(session_store_backend="firestore"))

@@ -1,0 +1,94 @@
+"""Redis backend specifics, counted on the real server with INFO commandstats."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from flask import Flask
+
+from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store.base import hashed_store_id
+from tests.conftest import MakeApp
+
+# Connection set-up, not work done for a request.
+_HANDSHAKE = {"cmdstat_hello", "cmdstat_client|setinfo", "cmdstat_ping"}
+
+
+def _commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name not in _HANDSHAKE and not name.startswith(("cmdstat_info", "cmdstat_config"))
+    }
+
+
+def _measure(client: redis.Redis, request: object) -> dict[str, int]:
+    client.config_resetstat()
+    assert callable(request)
+    request()
+    return _commands(client)
+
+
+@pytest.fixture
+def app(make_app: MakeApp, redis_env: dict[str, str]) -> Flask:
+    return make_app(**redis_env, SESSION_LIFETIME="1h")
+
+
+def test_commands_per_request(app: Flask, redis_client: redis.Redis) -> None:
+    client = app.test_client()
+    assert _measure(redis_client, lambda: client.get("/session/counter")) == {}
+    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"set": 1}
+    assert _measure(redis_client, lambda: client.get("/session/counter")) == {"getex": 1}
+    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"getex": 1, "set": 1}
+    assert _measure(redis_client, lambda: client.delete("/session")) == {"getex": 1, "del": 1}
+
+
+def test_reading_slides_the_idle_timeout(app: Flask, redis_client: redis.Redis) -> None:
+    client = app.test_client()
+    client.post("/session/counter")
+    (key,) = redis_client.keys("session:*")
+    redis_client.expire(key, 5)  # as if the session had been idle for almost an hour
+    client.get("/session/counter")
+    assert redis_client.ttl(key) > 3590
+
+
+def test_read_only_request_refreshes_the_cookie_expiry(app: Flask) -> None:
+    client = app.test_client()
+    first = client.post("/session/counter").headers["Set-Cookie"]
+    time.sleep(1.1)
+    second = client.get("/session/counter").headers["Set-Cookie"]
+    assert first.split(";")[0] == second.split(";")[0]
+    assert _expires(first) < _expires(second)
+
+
+def _expires(header: str) -> str:
+    from email.utils import parsedate_to_datetime
+
+    (part,) = [p for p in header.split(";") if p.strip().lower().startswith("expires=")]
+    return parsedate_to_datetime(part.split("=", 1)[1]).isoformat()
+
+
+def test_stored_ttl_is_the_session_lifetime(app: Flask, redis_client: redis.Redis) -> None:
+    app.test_client().post("/session/counter")
+    (key,) = redis_client.keys("session:*")
+    lifetime = SessionStore.state(app).settings.session_lifetime
+    assert lifetime == timedelta(hours=1)
+    assert 3590 < redis_client.ttl(key) <= 3600
+
+
+def test_production_cookie_is_secure_httponly_lax(app: Flask) -> None:
+    header = app.test_client().post("/session/counter").headers["Set-Cookie"]
+    attributes = {part.strip().split("=")[0].lower() for part in header.split(";")}
+    assert {"secure", "httponly"} <= attributes
+    assert "SameSite=Lax" in header
+
+
+def test_key_is_prefix_plus_sha256(app: Flask, redis_client: redis.Redis) -> None:
+    header = app.test_client().post("/session/counter").headers["Set-Cookie"]
+    sid = header.split(";")[0].split("=", 1)[1]
+    assert redis_client.keys("*") == [hashed_store_id("session:", sid).encode()]
+    assert len(sid) >= 43  # 32 random bytes, base64url

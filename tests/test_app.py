@@ -1,0 +1,107 @@
+"""create_app: the bootstrap table and a real round trip."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from flask import Flask
+
+from pyloto_corp import ConfigurationError, create_app
+from pyloto_corp.config.settings import Var
+from tests.conftest import SECRET, MakeApp
+
+
+def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(Var.ENV, "production")
+    monkeypatch.setenv(Var.SESSION_STORE_BACKEND, "MEMORY")
+    monkeypatch.setenv(Var.SECRET_KEY, SECRET)
+    with pytest.raises(ValueError, match="memory is refused in production"):
+        create_app()
+
+
+def test_development_with_memory_starts(make_app: MakeApp) -> None:
+    app = make_app(ENV="development")
+    assert app.test_client().get("/healthz").json == {"status": "ok"}
+
+
+def test_production_with_redis_starts(make_app: MakeApp, redis_env: dict[str, str]) -> None:
+    app = make_app(**redis_env)
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("environ", "environment", "fragment"),
+    [
+        ({Var.ENV: "production"}, "production", "memory is refused in production"),
+        ({Var.ENV: "staging"}, "staging", "memory is refused in staging"),
+        ({Var.ENV: "prod", Var.SESSION_STORE_BACKEND: "postgres"}, "production", "'postgres'"),
+        ({Var.ENV: "prodution"}, "prodution", "not a known environment"),
+        ({Var.K_SERVICE: "api"}, "development", "refused on Cloud Run"),
+    ],
+)
+def test_bad_configurations_fail_at_create_app(
+    make_app: MakeApp, environ: dict[str, str], environment: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        make_app(**environ, SECRET_KEY=SECRET)
+    assert f"environment '{environment}'" in str(caught.value)
+    assert fragment in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_redis_password_never_in_the_error(make_app: MakeApp) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        make_app(
+            ENV="production",
+            SESSION_STORE_BACKEND="redis",
+            REDIS_URL="redis://:p4ss-w0rd-xyz@cache:6379/0",
+            REDIS_SOCKET_TIMEOUT="0",
+            SECRET_KEY="too-short-secret",
+        )
+    message = str(caught.value)
+    assert "REDIS_SOCKET_TIMEOUT" in message
+    assert "SECRET_KEY is too short" in message
+    assert "p4ss-w0rd-xyz" not in message
+    assert "too-short-secret" not in message
+
+
+def _counter_round_trip(app: Flask) -> None:
+    client = app.test_client()
+    assert client.get("/session/counter").json == {"counter": 0}
+    assert client.post("/session/counter").json == {"counter": 1}
+    assert client.post("/session/counter").json == {"counter": 2}
+    assert client.get("/session/counter").json == {"counter": 2}
+
+
+def test_round_trip_through_real_redis(
+    make_app: MakeApp, redis_env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    app = make_app(**redis_env)
+    _counter_round_trip(app)
+    keys = redis_client.keys("session:*")
+    assert len(keys) == 1
+
+
+def test_a_second_instance_reads_the_same_session(
+    make_app: MakeApp, redis_env: dict[str, str]
+) -> None:
+    """Two apps (two Cloud Run instances) sharing one Redis see the same session."""
+    first, second = make_app(**redis_env), make_app(**redis_env)
+    client = first.test_client()
+    client.post("/session/counter")
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    other = second.test_client()
+    other.set_cookie("session", cookie.value)
+    assert other.get("/session/counter").json == {"counter": 1}
+
+
+def test_memory_sessions_do_not_cross_instances(make_app: MakeApp) -> None:
+    first, second = make_app(ENV="development"), make_app(ENV="development")
+    client = first.test_client()
+    client.post("/session/counter")
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    other = second.test_client()
+    other.set_cookie("session", cookie.value)
+    assert other.get("/session/counter").json == {"counter": 0}

@@ -1,0 +1,310 @@
+"""Settings: parsing with environs and the pure validation rules."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from pyloto_corp.config.settings import Settings, Var, redact_url
+from tests.conftest import SECRET
+
+VALID_CONTEXT = {
+    Var.SECRET_KEY: SECRET,
+    Var.REDIS_URL: "redis://:hunter2-password@10.0.0.3:6379/0",
+    Var.FIRESTORE_PROJECT: "demo-project",
+}
+
+ENVIRONMENTS = {
+    # spelling -> canonical
+    "development": "development",
+    "dev": "development",
+    " DEV ": "development",
+    "local": "local",
+    "test": "test",
+    "testing": "test",
+    "staging": "staging",
+    "stage": "staging",
+    "Staging": "staging",
+    "production": "production",
+    "prod": "production",
+    " PRODUCTION\n": "production",
+}
+BACKENDS = {
+    "memory": "memory",
+    "MEMORY": "memory",
+    " Memory ": "memory",
+    "redis": "redis",
+    "REDIS": "redis",
+    "firestore": "firestore",
+    "FireStore": "firestore",
+}
+
+
+def test_defaults_are_development_with_memory() -> None:
+    settings = Settings.from_env({})
+    assert settings.environment == "development"
+    assert settings.session_store_backend == "memory"
+    assert settings.validate() == []
+    assert settings == Settings()
+
+
+def test_keyword_construction_normalises_like_the_environment() -> None:
+    settings = Settings(environment=" PROD ", session_store_backend="Memory")
+    assert settings.environment == "production"
+    assert settings.session_store_backend == "memory"
+    assert settings.is_production
+    assert not settings.is_staging
+
+
+def test_settings_are_immutable() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.environment = "production"  # type: ignore[misc]
+
+
+def test_environment_is_parsed_into_typed_fields() -> None:
+    settings = Settings.from_env(
+        {
+            Var.ENV: "staging",
+            Var.SESSION_LIFETIME: "2h",
+            Var.REDIS_SOCKET_TIMEOUT: "0.5",
+            Var.SESSION_COOKIE_HTTPONLY: "true",
+            Var.SESSION_COOKIE_SAMESITE: "strict",
+            Var.GOOGLE_CLOUD_PROJECT: "from-google-var",
+            Var.K_SERVICE: "api",
+        }
+    )
+    assert settings.is_staging
+    assert settings.session_lifetime == timedelta(hours=2)
+    assert settings.redis_socket_timeout == 0.5
+    assert settings.session_cookie_samesite == "Strict"
+    assert settings.firestore_project == "from-google-var"
+    assert settings.on_cloud_run
+
+
+def test_firestore_project_prefers_its_own_variable() -> None:
+    settings = Settings.from_env({Var.FIRESTORE_PROJECT: "a", Var.GOOGLE_CLOUD_PROJECT: "b"})
+    assert settings.firestore_project == "a"
+
+
+@pytest.mark.parametrize("spelling", ENVIRONMENTS)
+@pytest.mark.parametrize("backend_spelling", BACKENDS)
+def test_environment_by_backend_table(spelling: str, backend_spelling: str) -> None:
+    settings = Settings.from_env(
+        {Var.ENV: spelling, Var.SESSION_STORE_BACKEND: backend_spelling, **VALID_CONTEXT}
+    )
+    environment, backend = ENVIRONMENTS[spelling], BACKENDS[backend_spelling]
+    assert (settings.environment, settings.session_store_backend) == (environment, backend)
+
+    problems = settings.validate_session_store_config()
+    if backend == "memory" and environment in ("staging", "production"):
+        assert len(problems) == 1
+        assert f"memory is refused in {environment}" in problems[0]
+    else:
+        assert problems == []
+    assert settings.validate() == problems
+
+
+@pytest.mark.parametrize("backend", ["mongo", "redis-cluster", "", "memcached"])
+def test_invalid_backend_is_named(backend: str) -> None:
+    problems = Settings(session_store_backend=backend).validate_session_store_config()
+    assert len(problems) == 1
+    assert f"SESSION_STORE_BACKEND={backend!r} is not a session store backend" in problems[0]
+    assert "memory, redis, firestore" in problems[0]
+
+
+@pytest.mark.parametrize("typo", ["prodution", "prd", "qa", "development2"])
+def test_unknown_environment_is_an_error_not_development(typo: str) -> None:
+    settings = Settings.from_env({Var.ENV: typo})
+    assert settings.environment == typo
+    assert any(f"ENV={typo!r} is not a known environment" in p for p in settings.validate())
+
+
+def test_missing_env_on_cloud_run_refuses_memory() -> None:
+    settings = Settings.from_env({Var.K_SERVICE: "api", Var.SECRET_KEY: SECRET})
+    assert settings.environment == "development"
+    problems = settings.validate()
+    assert problems == [
+        "SESSION_STORE_BACKEND=memory is refused on Cloud Run (K_SERVICE is set): sessions kept "
+        "in process memory are lost or split between Cloud Run instances; "
+        "set SESSION_STORE_BACKEND=redis or firestore."
+    ]
+
+
+def test_cloud_run_requires_a_secret_key_whatever_the_label() -> None:
+    settings = Settings.from_env(
+        {Var.K_SERVICE: "api", Var.SESSION_STORE_BACKEND: "redis", Var.REDIS_URL: "redis://r:6379"}
+    )
+    assert [p for p in settings.validate() if p.startswith("SECRET_KEY")]
+
+
+@pytest.mark.parametrize("environment", ["development", "local", "test"])
+def test_local_environments_may_use_memory_without_a_secret(environment: str) -> None:
+    assert Settings(environment=environment).validate() == []
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    settings = Settings.from_env(
+        {
+            Var.ENV: "production",
+            Var.SESSION_STORE_BACKEND: "memory",
+            Var.SESSION_COOKIE_SECURE: "false",
+            Var.SESSION_COOKIE_SAMESITE: "none",
+            Var.REDIS_SOCKET_TIMEOUT: "fast",
+            Var.SESSION_LIFETIME: "forever",
+        }
+    )
+    problems = settings.validate()
+    starts = sorted(p.split("=")[0].split(":")[0].split(" ")[0] for p in problems)
+    assert starts == [
+        "REDIS_SOCKET_TIMEOUT",
+        "SECRET_KEY",
+        "SESSION_COOKIE_SAMESITE",
+        "SESSION_COOKIE_SECURE",
+        "SESSION_LIFETIME",
+        "SESSION_STORE_BACKEND",
+    ]
+
+
+def test_unparseable_values_keep_defaults_and_become_problems() -> None:
+    settings = Settings.from_env({Var.REDIS_SOCKET_TIMEOUT: "abc"})
+    assert settings.redis_socket_timeout == Settings().redis_socket_timeout
+    assert settings.validate() == ["REDIS_SOCKET_TIMEOUT: Not a valid number."]
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({}, "REDIS_URL is required when SESSION_STORE_BACKEND=redis"),
+        ({Var.REDIS_URL: "http://cache:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({Var.REDIS_URL: "localhost:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        (
+            {Var.REDIS_URL: "redis://r", Var.REDIS_CONNECT_TIMEOUT: "0"},
+            "REDIS_CONNECT_TIMEOUT must",
+        ),
+        ({Var.REDIS_URL: "redis://r", Var.REDIS_SOCKET_TIMEOUT: "-1"}, "REDIS_SOCKET_TIMEOUT must"),
+    ],
+)
+def test_redis_connection_settings(environ: dict[str, str], fragment: str) -> None:
+    settings = Settings.from_env({Var.SESSION_STORE_BACKEND: "redis", **environ})
+    problems = settings.validate_session_store_config()
+    assert len(problems) == 1
+    assert fragment in problems[0]
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://:pw@10.1.2.3:6378", "redis://user:pw@cache/2"]
+)
+def test_redis_urls_accepted(url: str) -> None:
+    settings = Settings(session_store_backend="redis", redis_url=url)
+    assert settings.validate() == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({Var.ENV: "production"}, "FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT) is required"),
+        ({Var.FIRESTORE_COLLECTION: "a/b"}, "not a valid Firestore collection id"),
+        ({Var.FIRESTORE_COLLECTION: "__sessions__"}, "not a valid Firestore collection id"),
+        ({Var.FIRESTORE_COLLECTION: ".."}, "not a valid Firestore collection id"),
+        ({Var.FIRESTORE_COLLECTION: "x" * 1501}, "not a valid Firestore collection id"),
+    ],
+)
+def test_firestore_settings(environ: dict[str, str], fragment: str) -> None:
+    settings = Settings.from_env(
+        {Var.SESSION_STORE_BACKEND: "firestore", Var.SECRET_KEY: SECRET, **environ}
+    )
+    problems = settings.validate()
+    assert len(problems) == 1
+    assert fragment in problems[0]
+
+
+def test_firestore_defaults() -> None:
+    settings = Settings.from_env({Var.SESSION_STORE_BACKEND: "firestore"})
+    assert (settings.firestore_database, settings.firestore_collection) == ("(default)", "sessions")
+    assert settings.validate() == []
+
+
+@pytest.mark.parametrize("environment", ["staging", "production"])
+def test_secret_key_rules_in_deployed_environments(environment: str) -> None:
+    base = {Var.ENV: environment, Var.SESSION_STORE_BACKEND: "redis", Var.REDIS_URL: "redis://r"}
+    missing = Settings.from_env(base).validate()
+    assert missing == [missing[0]]
+    assert missing[0].startswith(f"SECRET_KEY is required in {environment}")
+    short = Settings.from_env({**base, Var.SECRET_KEY: "x" * 31}).validate()
+    assert short == [f"SECRET_KEY is too short in {environment}: it needs at least 32 characters."]
+    empty = Settings.from_env({**base, Var.SECRET_KEY: ""}).validate()
+    assert empty[0].startswith("SECRET_KEY is required")
+    assert Settings.from_env({**base, Var.SECRET_KEY: "x" * 32}).validate() == []
+
+
+@pytest.mark.parametrize(
+    ("environment", "secure"), [("production", True), ("staging", True), ("development", False)]
+)
+def test_cookie_secure_defaults_to_safe(environment: str, secure: bool) -> None:
+    assert Settings(environment=environment).cookie_secure is secure
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        (Var.SESSION_COOKIE_SECURE, "false"),
+        (Var.SESSION_COOKIE_HTTPONLY, "false"),
+        (Var.SESSION_COOKIE_SAMESITE, "None"),
+    ],
+)
+def test_production_refuses_relaxed_cookies(variable: str, value: str) -> None:
+    environ = {
+        Var.ENV: "prod",
+        Var.SESSION_STORE_BACKEND: "redis",
+        Var.REDIS_URL: "redis://r",
+        Var.SECRET_KEY: SECRET,
+        variable: value,
+    }
+    problems = Settings.from_env(environ).validate()
+    assert len(problems) == 1
+    assert problems[0].startswith(variable)
+    assert Settings.from_env({**environ, Var.ENV: "dev"}).validate() == []
+
+
+def test_invalid_samesite_anywhere() -> None:
+    problems = Settings.from_env({Var.SESSION_COOKIE_SAMESITE: "sometimes"}).validate()
+    assert problems == [
+        "SESSION_COOKIE_SAMESITE='Sometimes' is not valid; use Lax, Strict or None."
+    ]
+
+
+def test_validation_is_pure_and_deterministic() -> None:
+    settings = Settings.from_env({Var.ENV: "prod", Var.SESSION_STORE_BACKEND: "nope"})
+    first = settings.validate()
+    assert settings.validate() == first
+    assert settings == Settings.from_env({Var.ENV: "prod", Var.SESSION_STORE_BACKEND: "nope"})
+
+
+def test_repr_and_redacted_view_hide_secrets() -> None:
+    settings = Settings.from_env(
+        {
+            **VALID_CONTEXT,
+            Var.SESSION_STORE_BACKEND: "redis",
+            Var.WHATSAPP_ACCESS_TOKEN: "EAAG-token-value-123",
+        }
+    )
+    text = repr(settings) + str(settings) + repr(settings.redacted())
+    for secret in (SECRET, "hunter2-password", "EAAG-token-value-123"):
+        assert secret not in text
+    assert "redis://:***@10.0.0.3:6379/0" in text
+    assert settings.redacted()[Var.SECRET_KEY] == "***"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://default:pw@h", "rediss://default:***@h"),
+        ("redis://h:6379", "redis://h:6379"),
+        ("redis://:pw@h:notaport", "***"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
