@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -10,7 +11,7 @@ from flask import Flask
 
 from pyloto_corp import create_app
 from pyloto_corp.config.settings import Settings, Var
-from tests.services import RedisServer
+from tests.services import FirestoreEmulator, RedisServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
 SECRET = "s3cr3t-" + "k" * 40
@@ -73,3 +74,37 @@ def redis_env(redis_client: redis.Redis, redis_server: RedisServer) -> dict[str,
         Var.REDIS_URL: redis_server.url,
         Var.SECRET_KEY: SECRET,
     }
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator() -> Iterator[FirestoreEmulator]:
+    """Started once per test session (about 10 s), only when a test needs it."""
+    emulator = FirestoreEmulator()
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def firestore_env(
+    firestore_emulator: FirestoreEmulator, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """Variables for a valid production app on the (emptied) emulator."""
+    firestore_emulator.clear()
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+    return {
+        Var.ENV: "production",
+        Var.SESSION_STORE_BACKEND: "firestore",
+        Var.FIRESTORE_PROJECT: firestore_emulator.project,
+        Var.SECRET_KEY: SECRET,
+    }
+
+
+@pytest.fixture
+def firestore_client(firestore_env: dict[str, str]) -> Iterator[Any]:
+    """A client of the emulator, for reading what the backend stored."""
+    from google.cloud import firestore
+
+    client = firestore.Client(project=firestore_env[Var.FIRESTORE_PROJECT])
+    yield client
+    client.close()

@@ -1,14 +1,18 @@
-"""Real services for the tests: a redis-server per test session on a free loopback port.
+"""Real services for the tests: redis-server and the Firestore emulator on free loopback ports.
 
 A test that needs a service and cannot start it fails (it never skips).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -76,4 +80,63 @@ class RedisServer:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
+            self.process = None
+
+
+class FirestoreEmulator:
+    """The Cloud Firestore emulator from the Google Cloud CLI (``gcloud emulators firestore``).
+
+    The gcloud wrapper starts a Java child: both run in their own process group, stopped together.
+    """
+
+    project = "demo-test"
+
+    def __init__(self) -> None:
+        binary = shutil.which("gcloud")
+        if binary is None:
+            raise RuntimeError(
+                "gcloud is not installed: the Firestore tests need the Cloud Firestore emulator "
+                "(Debian package google-cloud-cli-firestore-emulator, with Java 17+)."
+            )
+        self.binary = binary
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        args = [self.binary, "emulators", "firestore", "start", f"--host-port={self.host}"]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        wait_until(self._answers, 60, f"Firestore emulator on {self.host}")
+
+    def clear(self) -> None:
+        """Delete every document (the emulator's own reset endpoint)."""
+        url = (
+            f"http://{self.host}/emulator/v1/projects/{self.project}/databases/(default)/documents"
+        )
+        request = urllib.request.Request(url, method="DELETE")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+    def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+            wait_until(lambda: not self._answers(), 15, "Firestore emulator shutdown")
             self.process = None

@@ -41,6 +41,7 @@ class Var:
     FIRESTORE_DATABASE: Final = "FIRESTORE_DATABASE"
     FIRESTORE_COLLECTION: Final = "FIRESTORE_COLLECTION"
     FIRESTORE_TIMEOUT: Final = "FIRESTORE_TIMEOUT"
+    FIRESTORE_REFRESH_INTERVAL: Final = "FIRESTORE_REFRESH_INTERVAL"
     WHATSAPP_ACCESS_TOKEN: Final = "WHATSAPP_ACCESS_TOKEN"  # noqa: S105 - a variable name
 
 
@@ -146,6 +147,9 @@ class Settings:
     firestore_database: str = "(default)"
     firestore_collection: str = "sessions"
     firestore_timeout: float = 5.0
+    #: How stale the stored expiry may get before a read-only request rewrites it (None: a tenth
+    #: of the lifetime). Keeps Firestore at about one write per session per interval.
+    firestore_refresh_interval: timedelta | None = None
     whatsapp_access_token: str | None = None
     #: Values that did not parse (``("REDIS_SOCKET_TIMEOUT: Not a valid number.",)``).
     parse_problems: tuple[str, ...] = ()
@@ -184,6 +188,7 @@ class Settings:
             "firestore_database": env.str(Var.FIRESTORE_DATABASE, None),
             "firestore_collection": env.str(Var.FIRESTORE_COLLECTION, None),
             "firestore_timeout": env.float(Var.FIRESTORE_TIMEOUT, None),
+            "firestore_refresh_interval": env.timedelta(Var.FIRESTORE_REFRESH_INTERVAL, None),
             "whatsapp_access_token": env.str(Var.WHATSAPP_ACCESS_TOKEN, None),
         }
         problems: tuple[str, ...] = ()
@@ -219,6 +224,13 @@ class Settings:
     def is_deployed(self) -> bool:
         """Serving real users: staging, production, or any Cloud Run instance (it is stateless)."""
         return self.environment in DEPLOYED_ENVIRONMENTS or self.on_cloud_run
+
+    @property
+    def refresh_interval(self) -> timedelta:
+        """The effective Firestore expiry refresh interval."""
+        if self.firestore_refresh_interval is None:
+            return self.session_lifetime / 10
+        return self.firestore_refresh_interval
 
     @property
     def cookie_secure(self) -> bool:
@@ -302,6 +314,17 @@ class Settings:
             problems.append(
                 f"{Var.FIRESTORE_DATABASE} must not be empty; "
                 "use (default) for the default database."
+            )
+        if "/" in self.session_key_prefix:
+            problems.append(
+                f"{Var.SESSION_KEY_PREFIX} must not contain '/' with the firestore backend "
+                "(it starts every document id)."
+            )
+        lifetime = self.session_lifetime
+        if lifetime > timedelta(0) and not timedelta(0) <= self.refresh_interval < lifetime:
+            problems.append(
+                f"{Var.FIRESTORE_REFRESH_INTERVAL} must be at least 0 and shorter than "
+                f"{Var.SESSION_LIFETIME}."
             )
         if not 0 < self.firestore_timeout <= 60:
             problems.append(
@@ -389,6 +412,7 @@ class Settings:
             Var.FIRESTORE_DATABASE: self.firestore_database,
             Var.FIRESTORE_COLLECTION: self.firestore_collection,
             Var.FIRESTORE_TIMEOUT: self.firestore_timeout,
+            Var.FIRESTORE_REFRESH_INTERVAL: int(self.refresh_interval.total_seconds()),
             Var.WHATSAPP_ACCESS_TOKEN: secret(self.whatsapp_access_token),
         }
 

@@ -54,7 +54,25 @@ def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
     )
 
 
-HARNESSES = {"memory": _memory, "redis": _redis}
+def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    from datetime import UTC, datetime, timedelta
+
+    environ = request.getfixturevalue("firestore_env")
+    client = request.getfixturevalue("firestore_client")
+    sessions = client.collection("sessions")
+
+    def read(app: Flask, key: str) -> bytes | None:
+        snapshot = sessions.document(key).get()
+        return snapshot.get("data") if snapshot.exists else None
+
+    def write(app: Flask, key: str, data: bytes) -> None:
+        expires_at = datetime.now(UTC) + timedelta(hours=1)
+        sessions.document(key).set({"data": data, "expires_at": expires_at})
+
+    return Harness("firestore", lambda: make_app(**environ), read, write)
+
+
+HARNESSES = {"memory": _memory, "redis": _redis, "firestore": _firestore}
 
 
 @pytest.fixture(params=sorted(HARNESSES))

@@ -9,6 +9,7 @@ from flask import Flask
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
 from pyloto_corp.session_store import EXTENSION_KEY
+from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import SECRET
@@ -137,6 +138,18 @@ def test_caller_may_pass_its_own_redis_client(redis_server: RedisServer) -> None
     client.close()
 
 
-def test_firestore_is_not_available_yet() -> None:
-    with pytest.raises(ConfigurationError, match="firestore is not available yet"):
-        SessionStore(Flask(__name__), Settings(session_store_backend="firestore"))
+def test_production_with_firestore_boots_without_touching_google(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No credentials and no network at boot: the client is created at the first request."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")
+    app = Flask(__name__)
+    settings = Settings(
+        environment="production",
+        session_store_backend="firestore",
+        firestore_project="demo-project",
+        secret_key=SECRET,
+    )
+    SessionStore(app, settings)
+    assert isinstance(app.session_interface, FirestoreSessionInterface)
+    assert app.session_interface._client is None

@@ -1,0 +1,244 @@
+"""Firestore backend specifics, against the real emulator."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask, session
+from google.cloud import firestore
+from google.cloud.firestore_v1.document import DocumentReference
+
+from pyloto_corp.errors import SessionStoreUnavailable, SessionTooLarge
+from pyloto_corp.session_store.base import hashed_store_id
+from pyloto_corp.session_store.firestore import FirestoreSessionInterface
+from tests.conftest import MakeApp
+from tests.services import free_port
+
+
+@pytest.fixture
+def app(make_app: MakeApp, firestore_env: dict[str, str]) -> Flask:
+    return make_app(**firestore_env, SESSION_LIFETIME="1h", FIRESTORE_REFRESH_INTERVAL="5m")
+
+
+@pytest.fixture
+def sessions(firestore_client: firestore.Client) -> firestore.CollectionReference:
+    return firestore_client.collection("sessions")
+
+
+def _sid(header: str) -> str:
+    return header.split(";", 1)[0].split("=", 1)[1]
+
+
+def _doc(sessions: firestore.CollectionReference, sid: str) -> dict[str, Any] | None:
+    return sessions.document(hashed_store_id("session:", sid)).get().to_dict()
+
+
+@pytest.fixture
+def operations(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts document operations; the calls still go to the real emulator."""
+    counts: Counter[str] = Counter()
+    for name in ("get", "create", "update", "delete", "set"):
+        original = getattr(DocumentReference, name)
+
+        def spy(
+            self: DocumentReference, *args: Any, _name: str = name, _f: Any = original, **kw: Any
+        ) -> Any:
+            counts[_name] += 1
+            return _f(self, *args, **kw)
+
+        monkeypatch.setattr(DocumentReference, name, spy)
+    return counts
+
+
+def test_client_is_created_on_first_use(app: Flask) -> None:
+    interface = app.session_interface
+    assert isinstance(interface, FirestoreSessionInterface)
+    assert interface._client is None
+    app.test_client().post("/session/counter")
+    assert interface._client is not None
+
+
+def test_document_fields(app: Flask, sessions: firestore.CollectionReference) -> None:
+    before = datetime.now(UTC)
+    sid = _sid(app.test_client().post("/session/counter").headers["Set-Cookie"])
+    document = _doc(sessions, sid)
+    assert document is not None
+    assert set(document) == {"data", "expires_at", "updated_at"}
+    assert isinstance(document["data"], bytes)
+    expected = before + timedelta(hours=1)
+    assert timedelta(0) <= document["expires_at"] - expected < timedelta(seconds=5)
+    assert document["updated_at"] >= before - timedelta(seconds=1)
+
+
+def test_operations_per_request(app: Flask, operations: Counter[str]) -> None:
+    client = app.test_client()
+    client.get("/session/counter")
+    assert operations == Counter()
+    client.post("/session/counter")
+    assert operations == Counter(create=1)
+    operations.clear()
+    client.get("/session/counter")
+    assert operations == Counter(get=1)  # fresh expiry: no write
+    operations.clear()
+    client.post("/session/counter")
+    assert operations == Counter(get=1, update=1)
+
+
+def test_stale_expiry_is_refreshed_once(
+    app: Flask, sessions: firestore.CollectionReference, operations: Counter[str]
+) -> None:
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    reference = sessions.document(hashed_store_id("session:", sid))
+    stale = datetime.now(UTC) + timedelta(minutes=50)  # 10 min old: past the 5 min interval
+    reference.update({"expires_at": stale})
+    operations.clear()
+    client.get("/session/counter")
+    assert operations == Counter(get=1, update=1)
+    refreshed = reference.get().get("expires_at")
+    assert refreshed > datetime.now(UTC) + timedelta(minutes=59)
+    operations.clear()
+    client.get("/session/counter")
+    assert operations == Counter(get=1)
+
+
+def test_expired_document_is_treated_as_absent(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    sessions.document(hashed_store_id("session:", sid)).update({"expires_at": past})
+    assert client.get("/session/counter").json == {"counter": 0}
+    response = client.post("/session/counter")
+    assert response.json == {"counter": 1}
+    assert _sid(response.headers["Set-Cookie"]) != sid
+
+
+def test_permanent_and_browser_sessions(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    @app.post("/browser-session")
+    def browser_session() -> dict[str, bool]:
+        session.permanent = False
+        session["counter"] = 1
+        return {"ok": True}
+
+    permanent = app.test_client().post("/session/counter").headers["Set-Cookie"]
+    browser = app.test_client().post("/browser-session").headers["Set-Cookie"]
+    assert "Expires=" in permanent
+    assert "Expires=" not in browser
+    for header in (permanent, browser):
+        document = _doc(sessions, _sid(header))
+        assert document is not None
+        assert document["expires_at"] > datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"data": "not bytes", "expires_at": datetime(2999, 1, 1, tzinfo=UTC)},
+        {"data": b"\x81\xa7counter\x05", "expires_at": "tomorrow"},
+        {"something": "else"},
+    ],
+)
+def test_malformed_documents_give_a_fresh_session(
+    app: Flask, sessions: firestore.CollectionReference, fields: dict[str, Any]
+) -> None:
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    sessions.document(hashed_store_id("session:", sid)).set(fields)
+    assert client.get("/session/counter").json == {"counter": 0}
+
+
+def test_oversized_session_fails_and_keeps_the_stored_one(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    @app.post("/big")
+    def big() -> dict[str, bool]:
+        session["blob"] = "x" * 1_100_000
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    with pytest.raises(SessionTooLarge, match="stores at most"):
+        client.post("/big")
+    assert client.get("/session/counter").json == {"counter": 1}
+    assert _doc(sessions, sid) is not None
+
+
+def test_slow_request_cannot_resurrect_a_logged_out_session(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    loaded, release = threading.Event(), threading.Event()
+
+    @app.post("/slow")
+    def slow() -> dict[str, bool]:
+        session["late"] = True
+        loaded.set()
+        release.wait(10)
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    results: dict[str, str] = {}
+
+    def run_slow() -> None:
+        other = app.test_client()
+        other.set_cookie("session", sid)
+        results["set-cookie"] = other.post("/slow").headers.get("Set-Cookie", "")
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    assert loaded.wait(10)
+    client.delete("/session")
+    release.set()
+    thread.join(10)
+    assert results["set-cookie"].startswith("session=;")
+    assert _doc(sessions, sid) is None
+
+
+def test_cleanup_removes_only_expired_documents(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    now = datetime.now(UTC)
+    for index in range(7):
+        sessions.document(f"session:old{index}").set(
+            {"data": b"\x80", "expires_at": now - timedelta(minutes=index + 1)}
+        )
+    live = _sid(app.test_client().post("/session/counter").headers["Set-Cookie"])
+    interface = app.session_interface
+    assert isinstance(interface, FirestoreSessionInterface)
+    assert interface.delete_expired_sessions(batch_size=3) == 7
+    remaining = [snapshot.id for snapshot in sessions.stream()]
+    assert remaining == [hashed_store_id("session:", live)]
+
+
+def test_a_second_instance_reads_the_session(
+    make_app: MakeApp, firestore_env: dict[str, str]
+) -> None:
+    first, second = make_app(**firestore_env), make_app(**firestore_env)
+    client = first.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    other = second.test_client()
+    other.set_cookie("session", sid)
+    assert other.get("/session/counter").json == {"counter": 1}
+
+
+def test_unreachable_firestore_fails_fast_with_a_clear_error(
+    make_app: MakeApp, firestore_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+    app = make_app(**firestore_env, FIRESTORE_TIMEOUT="1")
+    client = app.test_client()
+    client.set_cookie("session", "some-session-id")
+    started = time.monotonic()
+    with pytest.raises(SessionStoreUnavailable, match="Firestore session store") as caught:
+        client.get("/session/counter")
+    assert time.monotonic() - started < 3
+    assert "some-session-id" not in str(caught.value)
