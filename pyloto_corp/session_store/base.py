@@ -50,6 +50,9 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
 
     backend_name = "store"
 
+    def ping(self) -> None:
+        """Prove the store answers; raise SessionStoreUnavailable when it does not."""
+
     def _get_store_id(self, sid: str) -> str:
         return hashed_store_id(self.key_prefix, sid)
 

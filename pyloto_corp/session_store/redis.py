@@ -68,6 +68,12 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if session and not session.modified:
             # GETEX already slid the stored expiry; only the cookie's expiry needs refreshing.

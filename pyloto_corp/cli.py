@@ -1,0 +1,105 @@
+"""``flask session-store ...`` and ``python -m pyloto_corp ...``: operate the session store.
+
+The group is registered through the ``flask.commands`` entry point and builds no app: when the
+configuration is bad, ``create_app()`` raises and Flask would drop every command defined on the
+app, exactly when ``check`` is needed. Each command parses the settings itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+from flask import Flask
+
+from .config.settings import FIRESTORE, Settings, Var
+from .errors import ConfigurationError, SessionStoreUnavailable
+from .session_store import SessionStore
+from .session_store.base import StoreInterfaceMixin
+
+
+def _settings(environment: str | None = None) -> Settings:
+    environ = dict(os.environ)
+    if environment is not None:
+        environ[Var.ENV] = environment
+    return Settings.from_env(environ)
+
+
+def _interface(settings: Settings) -> StoreInterfaceMixin:
+    """The configured backend's interface, on a bare app (no routes, no request)."""
+    app = Flask("pyloto_corp.cli")
+    try:
+        SessionStore(app, settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    interface: StoreInterfaceMixin = SessionStore.state(app).interface
+    return interface
+
+
+@click.group("session-store")
+def session_store_cli() -> None:
+    """Check, inspect and operate the session store (no app is built)."""
+
+
+@session_store_cli.command()
+@click.option("--env", "environment", help="Validate for this environment instead of $ENV.")
+def check(environment: str | None) -> None:
+    """Validate the configuration without connecting to anything; exit 1 on any problem."""
+    settings = _settings(environment)
+    problems = settings.validate()
+    if problems:
+        raise click.ClickException(str(ConfigurationError(settings.environment, problems)))
+    click.echo(
+        f"Configuration is valid for environment '{settings.environment}' "
+        f"(session store: {settings.session_store_backend})."
+    )
+
+
+@session_store_cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(as_json: bool) -> None:
+    """Print the effective configuration, every secret shown as ***."""
+    values = _settings().redacted()
+    if as_json:
+        click.echo(json.dumps(values, indent=2))
+        return
+    width = max(map(len, values))
+    for name, value in values.items():
+        click.echo(f"{name:<{width}}  {'' if value is None else value}")
+
+
+@session_store_cli.command()
+def ping() -> None:
+    """Connect to the configured store and report the round-trip time."""
+    settings = _settings()
+    interface = _interface(settings)
+    started = time.perf_counter()
+    try:
+        interface.ping()
+    except SessionStoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    elapsed = (time.perf_counter() - started) * 1000
+    click.echo(f"{settings.session_store_backend} answered in {elapsed:.1f} ms")
+
+
+@session_store_cli.command()
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 500))
+def cleanup(batch_size: int) -> None:
+    """Delete expired sessions (Firestore without a TTL policy, and the emulator)."""
+    settings = _settings()
+    if settings.session_store_backend != FIRESTORE:
+        click.echo(
+            f"Nothing to do: the {settings.session_store_backend} store expires sessions itself."
+        )
+        return
+    from .session_store.firestore import FirestoreSessionInterface
+
+    interface = _interface(settings)
+    assert isinstance(interface, FirestoreSessionInterface)
+    try:
+        deleted = interface.delete_expired_sessions(batch_size=batch_size)
+    except SessionStoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Deleted {deleted} expired session(s) from collection {interface.collection!r}.")
