@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, session
 
+from .errors import SessionStoreUnavailable
+from .session_store import SessionStore
+
 bp = Blueprint("pyloto_corp", __name__)
 
 
@@ -11,6 +14,17 @@ bp = Blueprint("pyloto_corp", __name__)
 def healthz() -> dict[str, str]:
     """Liveness: the process answers; it does not touch the session store."""
     return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[dict[str, str], int]:
+    """Readiness: the session store answers a ping; 503 with the reason when it does not."""
+    state = SessionStore.state()
+    try:
+        state.interface.ping()
+    except SessionStoreUnavailable as exc:
+        return {"status": "unavailable", "reason": str(exc)}, 503
+    return {"status": "ready", "session_store": state.settings.session_store_backend}, 200
 
 
 @bp.get("/session/counter")

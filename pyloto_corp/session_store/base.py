@@ -14,10 +14,15 @@ import logging
 from typing import Any
 
 import msgspec
-from flask import Flask, Response
+from flask import Flask, Request, Response, jsonify, request
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
+from ..errors import SessionStoreUnavailable
+
 logger = logging.getLogger("pyloto_corp.session_store")
+
+#: Seconds a client should wait before retrying while the store is down.
+RETRY_AFTER_SECONDS = 5
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _encoder = msgspec.msgpack.Encoder()
@@ -45,10 +50,62 @@ def decode_session(data: bytes, store_id: str) -> dict[str, Any] | None:
         return None
 
 
+def unavailable_response() -> Response:
+    """503 with Retry-After: JSON for clients that prefer it, plain text otherwise."""
+    message = "The session store is unavailable; please retry shortly."
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+        response = jsonify(error="session_store_unavailable", message=message)
+    else:
+        response = Response(message + "\n", mimetype="text/plain")
+    response.status_code = 503
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def refuse_when_store_unavailable() -> Response | None:
+    """A ``before_request`` hook: answer 503 before any view sees a stand-in session."""
+    from flask import session
+
+    if getattr(session, "store_unavailable", False):
+        return unavailable_response()
+    return None
+
+
 class StoreInterfaceMixin(ServerSideSessionInterface):
-    """Mixed in before a Flask-Session interface class; see the module docstring."""
+    """Mixed in before a Flask-Session interface class; see the module docstring.
+
+    Backends put their write logic in :meth:`write_session`; :meth:`save_session` turns a store
+    failure into a 503 so a request never reports success for a write that failed.
+    """
 
     backend_name = "store"
+
+    def open_session(self, app: Flask, request: Request) -> ServerSideSession:
+        try:
+            session: ServerSideSession = super().open_session(app, request)
+        except SessionStoreUnavailable as exc:
+            logger.error("%s", exc)
+            session = self.session_class(sid=self._generate_sid(self.sid_length))
+            session.store_unavailable = True
+        return session
+
+    def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+        if getattr(session, "store_unavailable", False):
+            return  # already answered 503; the stand-in session must not be stored
+        try:
+            self.write_session(app, session, response)
+        except SessionStoreUnavailable as exc:
+            logger.error("%s", exc)
+            replacement = unavailable_response()
+            response.status_code = replacement.status_code
+            response.set_data(replacement.get_data())
+            response.content_type = replacement.content_type
+            response.headers["Retry-After"] = replacement.headers["Retry-After"]
+            response.headers.remove("Set-Cookie")
+
+    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+        """Flask-Session's own save logic; backends override it."""
+        ServerSideSessionInterface.save_session(self, app, session, response)
 
     def ping(self) -> None:
         """Prove the store answers; raise SessionStoreUnavailable when it does not."""

@@ -113,7 +113,6 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
         except (google_exceptions.NotFound, google_exceptions.AlreadyExists):
             raise
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
-            logger.error("%s", self._unavailable(exc))
             raise self._unavailable(exc) from exc
 
     # -- Flask-Session hooks -----------------------------------------------------------------------
@@ -173,9 +172,9 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
         except google_exceptions.NotFound:
             raise _SessionGone from None
 
-    def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if not session:
-            super().save_session(app, session, response)  # logout: delete document and cookie
+            super().write_session(app, session, response)  # logout: delete document and cookie
             return
         if session.accessed:
             response.vary.add("Cookie")

@@ -74,7 +74,7 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
 
-    def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if session and not session.modified:
             # GETEX already slid the stored expiry; only the cookie's expiry needs refreshing.
             if session.accessed:
@@ -82,7 +82,7 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
             if self.should_set_cookie(app, session):
                 self.set_session_cookie(app, session, response)
             return
-        super().save_session(app, session, response)
+        super().write_session(app, session, response)
 
 
 def create_client(settings: Settings) -> redis.Redis:

@@ -13,7 +13,7 @@ from flask import Flask, session
 from google.cloud import firestore
 from google.cloud.firestore_v1.document import DocumentReference
 
-from pyloto_corp.errors import SessionStoreUnavailable, SessionTooLarge
+from pyloto_corp.errors import SessionTooLarge
 from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from tests.conftest import MakeApp
@@ -230,15 +230,29 @@ def test_a_second_instance_reads_the_session(
     assert other.get("/session/counter").json == {"counter": 1}
 
 
-def test_unreachable_firestore_fails_fast_with_a_clear_error(
-    make_app: MakeApp, firestore_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+def test_unreachable_firestore_answers_503_fast_and_logs_once(
+    make_app: MakeApp,
+    firestore_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     app = make_app(**firestore_env, FIRESTORE_TIMEOUT="1")
     client = app.test_client()
     client.set_cookie("session", "some-session-id")
     started = time.monotonic()
-    with pytest.raises(SessionStoreUnavailable, match="Firestore session store") as caught:
-        client.get("/session/counter")
+    response = client.get("/session/counter", headers={"Accept": "application/json"})
     assert time.monotonic() - started < 3
-    assert "some-session-id" not in str(caught.value)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert response.json == {
+        "error": "session_store_unavailable",
+        "message": "The session store is unavailable; please retry shortly.",
+    }
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "Firestore session store (collection 'sessions') failed" in errors[0].getMessage()
+    assert "some-session-id" not in caplog.text
+    readiness = app.test_client().get("/readyz")
+    assert readiness.status_code == 503
+    assert readiness.json is not None and readiness.json["status"] == "unavailable"
