@@ -255,4 +255,5 @@ def test_unreachable_firestore_answers_503_fast_and_logs_once(
     assert "some-session-id" not in caplog.text
     readiness = app.test_client().get("/readyz")
     assert readiness.status_code == 503
-    assert readiness.json is not None and readiness.json["status"] == "unavailable"
+    assert readiness.json is not None
+    assert readiness.json["status"] == "unavailable"
