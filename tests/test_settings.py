@@ -179,6 +179,10 @@ def test_unparseable_values_keep_defaults_and_become_problems() -> None:
         ({}, "REDIS_URL is required when SESSION_STORE_BACKEND=redis"),
         ({Var.REDIS_URL: "http://cache:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
         ({Var.REDIS_URL: "localhost:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({Var.REDIS_URL: "redis://"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({Var.REDIS_URL: "redis://h:99999"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({Var.REDIS_URL: "redis://h:6379/zero"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({Var.REDIS_URL: "redis://h x:1"}, "REDIS_URL is not a valid redis:// or rediss://"),
         (
             {Var.REDIS_URL: "redis://r", Var.REDIS_CONNECT_TIMEOUT: "0"},
             "REDIS_CONNECT_TIMEOUT must",

@@ -1,0 +1,324 @@
+"""Side-by-side benchmark: our session store vs Flask-Session vs signed cookies.
+
+    python -m bench.run            # full run (about 3 minutes)
+    python -m bench.run --quick    # a short run that CI uses to keep this script working
+
+It starts a real redis-server and the Firestore emulator on loopback, serves each app with the
+repo's gunicorn.conf.py (2 workers x 4 threads), drives it with wrk, counts Redis commands with
+INFO commandstats, and prints one table. Deterministic targets (store operations per request, no
+google.cloud import) fail the run when missed; timing targets are reported, and enforced only
+in a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from tests.services import FirestoreEmulator, RedisServer, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "bench-" + "s" * 40
+HANDSHAKE = (
+    "cmdstat_hello",
+    "cmdstat_client|setinfo",
+    "cmdstat_ping",
+    "cmdstat_info",
+    "cmdstat_config",
+)
+
+
+@dataclass
+class Row:
+    name: str
+    requests_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    store_ops: str = "-"
+    in_process_us: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def redis_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if not k.startswith(HANDSHAKE))
+
+
+def environment(app: str, redis_url: str, emulator: FirestoreEmulator | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSION_", "REDIS_", "ENV"))}
+    env.update(FLASK_SKIP_DOTENV="1", SECRET_KEY=SECRET, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
+    env.update(GUNICORN_WORKERS="2", GUNICORN_THREADS="4", PYTHONPATH=str(ROOT))
+    if app.startswith("ours"):
+        backend = app.split("_", 1)[1]
+        env.update(ENV="production", SESSION_STORE_BACKEND=backend, BENCH_APP="ours")
+        if backend == "firestore":
+            assert emulator is not None
+            env.update(FIRESTORE_EMULATOR_HOST=emulator.host, FIRESTORE_PROJECT=emulator.project)
+    else:
+        env["BENCH_APP"] = app
+    return env
+
+
+def request(port: int, method: str, cookie: str | None = None) -> tuple[int, str | None]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Cookie": cookie} if cookie else {}
+        connection.request(method, "/session/counter", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        set_cookie = response.getheader("Set-Cookie")
+        return response.status, set_cookie.split(";", 1)[0] if set_cookie else None
+    finally:
+        connection.close()
+
+
+@contextmanager
+def gunicorn(env: dict[str, str]) -> Iterator[int]:
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "bench.apps:create()"]
+    process = subprocess.Popen(  # noqa: S603 - fixed arguments
+        command,
+        cwd=ROOT,
+        env={**env, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited: {process.communicate()[1]}")
+        try:
+            return request(port, "GET")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 30, "gunicorn")
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def wrk(port: int, cookie: str, seconds: int) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, requests) for read-only requests carrying the cookie."""
+    url = f"http://127.0.0.1:{port}/session/counter"
+    output = subprocess.run(  # noqa: S603 - fixed arguments
+        ["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", f"Cookie: {cookie}", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in output:
+        raise RuntimeError(f"wrk saw errors:\n{output}")
+
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        assert match, output
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    return rate, latency("50"), latency("99"), total
+
+
+def serve_and_measure(
+    name: str, env: dict[str, str], seconds: int, rounds: int, store: redis.Redis | None
+) -> Row:
+    row = Row(name)
+    with gunicorn(env) as port:
+        status, cookie = request(port, "POST")
+        assert status == 200 and cookie, (status, cookie)
+        wrk(port, cookie, 1)  # warm up both workers
+        results = []
+        for _ in range(rounds):
+            before = redis_calls(store) if store is not None else 0
+            rate, p50, p99, total = wrk(port, cookie, seconds)
+            if store is not None and not name.startswith("ours_firestore"):
+                row.store_ops = f"{(redis_calls(store) - before) / total:.2f} cmd"
+            results.append((rate, p50, p99))
+        row.requests_per_s, row.p50_ms, row.p99_ms = max(results)
+    return row
+
+
+def per_request_commands(env: dict[str, str], store: redis.Redis) -> dict[str, int]:
+    """Redis commands for: no cookie and no write; read-only; modifying."""
+    counts: dict[str, int] = {}
+    with gunicorn(env) as port:
+        _, cookie = request(port, "POST")
+        for label, method, sent in (
+            ("no session", "GET", None),
+            ("read-only", "GET", cookie),
+            ("modify", "POST", cookie),
+        ):
+            store.config_resetstat()
+            request(port, method, sent)
+            counts[label] = redis_calls(store)
+    return counts
+
+
+def in_process(app_name: str, env: dict[str, str], count: int) -> float:
+    """Median microseconds per read-only request through Flask's test client (one process)."""
+    code = f"""
+import time, statistics, os
+import bench.apps as apps
+app = apps.create()
+client = app.test_client()
+client.post("/session/counter", base_url="https://localhost")
+samples = []
+for _ in range(5):
+    started = time.perf_counter()
+    for _ in range({count}):
+        assert client.get("/session/counter", base_url="https://localhost").json == {{"counter": 1}}
+    samples.append((time.perf_counter() - started) / {count} * 1e6)
+print(statistics.median(samples))
+"""
+    result = subprocess.run(  # noqa: S603 - fixed arguments
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    return float(result.stdout.strip())
+
+
+def cold_start(runs: int, *candidates: tuple[dict[str, str], str]) -> list[tuple[float, list[str]]]:
+    """Per candidate (env, module): median wall seconds of ``python -c "import MODULE"`` and the
+    google modules it loaded. Runs alternate between candidates so drift hits all alike."""
+    times: list[list[float]] = [[] for _ in candidates]
+    google: list[list[str]] = [[] for _ in candidates]
+    for _ in range(runs):
+        for index, (env, module) in enumerate(candidates):
+            code = f"import sys, {module}; print(','.join(m for m in sys.modules if 'google' in m))"
+            started = time.perf_counter()
+            result = subprocess.run(  # noqa: S603 - fixed arguments
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times[index].append(time.perf_counter() - started)
+            google[index] = [m for m in result.stdout.strip().split(",") if m]
+    return [(statistics.median(t), g) for t, g in zip(times, google, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="short run (CI)")
+    args = parser.parse_args(argv)
+    seconds, rounds, count, runs = (2, 1, 300, 5) if args.quick else (10, 2, 2000, 25)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run `make bench` (it installs Debian's wrk).")
+
+    failures: list[str] = []
+    lines: list[str] = []
+
+    def target(ok: bool, text: str, *, timing: bool = False) -> None:
+        lines.append(f"- [{'x' if ok else ' '}] {text}")
+        if not ok and (not timing or not args.quick):
+            failures.append(text)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        server = RedisServer(Path(workdir))
+        server.start()
+        emulator = FirestoreEmulator()
+        emulator.start()
+        store = server.client()
+        try:
+            env: Callable[[str], dict[str, str]] = lambda app: environment(  # noqa: E731
+                app, server.url, emulator
+            )
+            names = ["cookie", "flask_session", "flask_session_norefresh", "ours_redis"]
+            rows = {
+                name: serve_and_measure(name, env(name), seconds, rounds, store) for name in names
+            }
+            rows["ours_firestore"] = serve_and_measure(
+                "ours_firestore", env("ours_firestore"), seconds, rounds, None
+            )
+            rows["ours_firestore"].store_ops = "1 read"
+            for name in ("cookie", "flask_session", "flask_session_norefresh"):
+                rows[name].in_process_us = in_process(name, env(name), count)
+            ours_env = {**env("ours_redis"), "BENCH_APP": "ours"}
+            rows["ours_redis"].in_process_us = in_process("ours", ours_env, count)
+            commands = per_request_commands(env("ours_redis"), store)
+            (ours_cold, google), (base_cold, _) = cold_start(
+                runs, (env("ours_redis"), "wsgi"), (env("flask_session"), "bench.minimal_app")
+            )
+        finally:
+            store.close()
+            emulator.stop()
+            server.stop()
+
+    ours, limit = rows["ours_redis"], rows["flask_session_norefresh"]
+    defaults, ceiling = rows["flask_session"], rows["cookie"]
+    print(f"Machine: {os.cpu_count()} cores; wrk -t2 -c16, {seconds}s x {rounds}; gunicorn 2x4")
+    print()
+    print("| app | req/s | p50 ms | p99 ms | store ops / read | in-process µs | vs cookie |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for row in rows.values():
+        in_proc = f"{row.in_process_us:.0f}" if row.in_process_us else "-"
+        ratio = row.requests_per_s / ceiling.requests_per_s
+        print(
+            f"| {row.name} | {row.requests_per_s:,.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} "
+            f"| {row.store_ops} | {in_proc} | {ratio:.2f}x |"
+        )
+    print()
+    print(f"Redis commands per request (ours): {json.dumps(commands)}")
+    print(
+        f"Cold start `import wsgi` (redis): {ours_cold * 1000:.0f} ms; minimal Flask + "
+        f"Flask-Session: {base_cold * 1000:.0f} ms; google modules imported: {len(google)}"
+    )
+    print()
+    target(
+        commands == {"no session": 0, "read-only": 1, "modify": 2},
+        "Redis: 0 commands without a session, 1 per read, 2 per modification",
+    )
+    target(not google, "redis backend imports no google.cloud module")
+    target(
+        ours_cold <= 1.2 * base_cold,
+        f"cold start {ours_cold / base_cold:.2f}x the minimal app (<= 1.2x)",
+        timing=True,
+    )
+    target(
+        ours.requests_per_s >= 0.95 * limit.requests_per_s,
+        f"{ours.requests_per_s / limit.requests_per_s:.2f}x the one-round-trip limit (>= 0.95x)",
+        timing=True,
+    )
+    target(
+        ours.requests_per_s >= 1.25 * defaults.requests_per_s,
+        f"{ours.requests_per_s / defaults.requests_per_s:.2f}x Flask-Session defaults "
+        "under gunicorn (>= 1.25x)",
+        timing=True,
+    )
+    assert ours.in_process_us and defaults.in_process_us
+    target(
+        defaults.in_process_us >= 1.4 * ours.in_process_us,
+        f"{defaults.in_process_us / ours.in_process_us:.2f}x Flask-Session defaults "
+        "in-process (>= 1.4x)",
+        timing=True,
+    )
+    print("\n".join(lines))
+    if failures:
+        print(f"\n{len(failures)} target(s) missed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
