@@ -70,7 +70,6 @@ MIN_SECRET_KEY_LENGTH: Final = 32
 REDACTED: Final = "***"
 
 
-
 def _normalise(value: str) -> str:
     return value.strip().lower()
 
@@ -424,7 +423,7 @@ def is_valid_redis_url(url: str) -> bool:
     """
     try:
         parts = urlsplit(url)
-        port_ok = parts.port is None or 0 < parts.port
+        port_ok = parts.port is None or parts.port > 0
     except ValueError:
         return False
     db = parts.path.lstrip("/")
