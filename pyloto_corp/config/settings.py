@@ -25,6 +25,8 @@ class Var:
     SECRET_KEY: Final = "SECRET_KEY"  # noqa: S105 - a variable name, not a secret
     SESSION_STORE_BACKEND: Final = "SESSION_STORE_BACKEND"
     SESSION_LIFETIME: Final = "SESSION_LIFETIME"
+    SESSION_ABSOLUTE_LIFETIME: Final = "SESSION_ABSOLUTE_LIFETIME"
+    SESSION_MAX_BYTES: Final = "SESSION_MAX_BYTES"
     SESSION_KEY_PREFIX: Final = "SESSION_KEY_PREFIX"
     SESSION_COOKIE_NAME: Final = "SESSION_COOKIE_NAME"
     SESSION_COOKIE_SECURE: Final = "SESSION_COOKIE_SECURE"
@@ -129,6 +131,10 @@ class Settings:
     secret_key: str | None = None
     #: Idle timeout: a session not used for this long expires (sliding on every use).
     session_lifetime: timedelta = timedelta(hours=12)
+    #: Absolute timeout: a session ends this long after it began, however active.
+    session_absolute_lifetime: timedelta = timedelta(days=7)
+    #: Largest encoded session a backend accepts (Firestore is also capped by its 1 MiB limit).
+    session_max_bytes: int = 512 * 1024
     session_key_prefix: str = "session:"
     session_cookie_name: str = "session"
     #: ``None`` means "safe default": ``True`` in staging/production, ``False`` elsewhere.
@@ -171,6 +177,8 @@ class Settings:
             "session_store_backend": env.str(Var.SESSION_STORE_BACKEND, MEMORY),
             "secret_key": env.str(Var.SECRET_KEY, None),
             "session_lifetime": env.timedelta(Var.SESSION_LIFETIME, None),
+            "session_absolute_lifetime": env.timedelta(Var.SESSION_ABSOLUTE_LIFETIME, None),
+            "session_max_bytes": env.int(Var.SESSION_MAX_BYTES, None),
             "session_key_prefix": env.str(Var.SESSION_KEY_PREFIX, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
@@ -268,6 +276,13 @@ class Settings:
             problems.append(
                 f"{Var.SESSION_LIFETIME} must be a positive duration (for example 12h or 3600)."
             )
+        elif self.session_absolute_lifetime < self.session_lifetime:
+            problems.append(
+                f"{Var.SESSION_ABSOLUTE_LIFETIME} must be at least {Var.SESSION_LIFETIME} "
+                "(the absolute timeout cannot end a session before its idle timeout)."
+            )
+        if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
+            problems.append(f"{Var.SESSION_MAX_BYTES} must be between 1024 and 67108864 bytes.")
         return problems
 
     def _redis_problems(self) -> list[str]:
@@ -393,6 +408,8 @@ class Settings:
             Var.SESSION_STORE_BACKEND: self.session_store_backend,
             Var.SECRET_KEY: secret(self.secret_key),
             Var.SESSION_LIFETIME: int(self.session_lifetime.total_seconds()),
+            Var.SESSION_ABSOLUTE_LIFETIME: int(self.session_absolute_lifetime.total_seconds()),
+            Var.SESSION_MAX_BYTES: self.session_max_bytes,
             Var.SESSION_KEY_PREFIX: self.session_key_prefix,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,

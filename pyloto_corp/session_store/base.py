@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import msgspec
-from flask import Flask, Request, Response, jsonify, request
+from flask import Flask, Request, Response, g, jsonify, request
+from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
-from ..errors import SessionStoreUnavailable
+from ..errors import SessionStoreUnavailable, SessionTooLarge
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
 #: Seconds a client should wait before retrying while the store is down.
 RETRY_AFTER_SECONDS = 5
+#: Session key holding the creation time (epoch seconds), for the absolute timeout.
+CREATED_AT = "_created_at"
+_LOADED = "_pyloto_session_loaded"
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _encoder = msgspec.msgpack.Encoder()
@@ -71,41 +78,119 @@ def refuse_when_store_unavailable() -> Response | None:
     return None
 
 
+class SessionGone(Exception):
+    """The stored session was deleted (a logout) while this request ran: do not recreate it."""
+
+
 class StoreInterfaceMixin(ServerSideSessionInterface):
     """Mixed in before a Flask-Session interface class; see the module docstring.
 
-    Backends put their write logic in :meth:`write_session`; :meth:`save_session` turns a store
-    failure into a 503 so a request never reports success for a write that failed.
+    - Idle timeout: the store's expiry (``PERMANENT_SESSION_LIFETIME``), slid by reads.
+      Absolute timeout: ``_created_at`` in the session; past ``absolute_lifetime`` the session
+      ends whatever its activity. The cookie expires at that absolute time, so it is set only
+      when the session changes, never just to slide it.
+    - Backends put their write logic in :meth:`write_session`; :meth:`save_session` turns a
+      store failure into a 503 (a request never reports success for a write that failed), a
+      session deleted meanwhile into a removed cookie, and an oversized one into a clear 500.
     """
 
     backend_name = "store"
+    absolute_lifetime = timedelta(days=7)
+    max_bytes = 512 * 1024
+
+    def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
+        self.absolute_lifetime = absolute_lifetime
+        self.max_bytes = max_bytes
+
+    # -- reading ---------------------------------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> ServerSideSession:
         try:
             session: ServerSideSession = super().open_session(app, request)
+            created = _created_at(session)
+            if created is not None and not self._within_absolute_lifetime(created):
+                self._delete_session(self._get_store_id(session.sid))
+                session = self.session_class(sid=self._generate_sid(self.sid_length))
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
             session = self.session_class(sid=self._generate_sid(self.sid_length))
             session.store_unavailable = True
         return session
 
+    def _within_absolute_lifetime(self, created: object) -> bool:
+        if not isinstance(created, int) or isinstance(created, bool):
+            return False
+        return 0 <= time.time() - created <= self.absolute_lifetime.total_seconds()
+
+    def remember_loaded(self, store_id: str, value: object = True) -> None:
+        """Note, for this request, that ``store_id`` was read from the store (and what of it)."""
+        g.setdefault(_LOADED, {})[store_id] = value
+
+    def recall_loaded(self, store_id: str) -> object | None:
+        loaded: dict[str, object] = g.get(_LOADED, {})
+        return loaded.get(store_id)
+
+    # -- writing ---------------------------------------------------------------------------------
+
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if getattr(session, "store_unavailable", False):
             return  # already answered 503; the stand-in session must not be stored
+        if session and session.modified and CREATED_AT not in session:
+            dict.__setitem__(session, CREATED_AT, int(time.time()))
         try:
             self.write_session(app, session, response)
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
-            replacement = unavailable_response()
-            response.status_code = replacement.status_code
-            response.set_data(replacement.get_data())
-            response.content_type = replacement.content_type
-            response.headers["Retry-After"] = replacement.headers["Retry-After"]
+            _replace(response, unavailable_response())
+        except SessionGone:
+            # Logged out by another request meanwhile: do not bring the session back.
             response.headers.remove("Set-Cookie")
+            response.delete_cookie(
+                self.get_cookie_name(app),
+                domain=self.get_cookie_domain(app),
+                path=self.get_cookie_path(app),
+            )
+            response.vary.add("Cookie")
+        except SessionTooLarge as exc:
+            logger.error("%s", exc)
+            _replace(response, jsonify(error="session_too_large", message=str(exc)), status=500)
 
     def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         """Flask-Session's own save logic; backends override it."""
         ServerSideSessionInterface.save_session(self, app, session, response)
+
+    def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
+        return bool(session.modified)
+
+    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
+        if not session.permanent:
+            return None
+        created = _created_at(session)
+        start = created if isinstance(created, int) else int(time.time())
+        return datetime.fromtimestamp(start, UTC) + self.absolute_lifetime
+
+    def encode(self, session: ServerSideSession, limit: int | None = None) -> bytes:
+        """The session as msgpack, refused (before any write) when over the size limit."""
+        data = encode_session(session)
+        limit = self.max_bytes if limit is None else min(limit, self.max_bytes)
+        if len(data) > limit:
+            raise SessionTooLarge(
+                f"The session is {len(data):,} bytes encoded; the {self.backend_name} store "
+                f"accepts at most {limit:,} (SESSION_MAX_BYTES). The stored session was left "
+                "unchanged."
+            )
+        return data
+
+    def create_new(self, session: ServerSideSession, create: Callable[[str], bool]) -> None:
+        """Store a new session with ``create(store_id) -> created``; a taken id is never
+        overwritten: the session gets a fresh id instead (256-bit ids make this theoretical)."""
+        for _ in range(3):
+            if create(self._get_store_id(session.sid)):
+                return
+            session.sid = self._generate_sid(self.sid_length)
+        raise SessionStoreUnavailable(f"{self.backend_name} store: could not allocate a session id")
+
+    # -- misc ------------------------------------------------------------------------------------
 
     def ping(self) -> None:
         """Prove the store answers; raise SessionStoreUnavailable when it does not."""
@@ -113,18 +198,17 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     def _get_store_id(self, sid: str) -> str:
         return hashed_store_id(self.key_prefix, sid)
 
-    def set_session_cookie(
-        self, app: Flask, session: ServerSideSession, response: Response
-    ) -> None:
-        """Set the cookie exactly as Flask-Session does, without touching the store."""
-        response.set_cookie(
-            key=self.get_cookie_name(app),
-            value=session.sid,
-            expires=self.get_expiration_time(app, session),
-            httponly=self.get_cookie_httponly(app),
-            domain=self.get_cookie_domain(app),
-            path=self.get_cookie_path(app),
-            secure=self.get_cookie_secure(app),
-            samesite=self.get_cookie_samesite(app),
-        )
-        response.vary.add("Cookie")
+
+def _created_at(session: SessionMixin) -> object:
+    """The creation time, read without marking the session accessed (no ``Vary: Cookie``)."""
+    return dict.get(cast("dict[str, object]", session), CREATED_AT)
+
+
+def _replace(response: Response, replacement: Response, status: int | None = None) -> None:
+    """Turn ``response`` (already built by the view) into ``replacement``."""
+    response.status_code = status or replacement.status_code
+    response.set_data(replacement.get_data())
+    response.content_type = replacement.content_type
+    response.headers.remove("Set-Cookie")
+    if "Retry-After" in replacement.headers:
+        response.headers["Retry-After"] = replacement.headers["Retry-After"]

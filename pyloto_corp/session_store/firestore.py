@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, Response
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 from google.api_core import exceptions as google_exceptions
 from google.api_core.retry import Retry, if_transient_error
@@ -32,8 +32,8 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..config.settings import Settings, is_valid_collection_id
-from ..errors import SessionStoreUnavailable, SessionTooLarge
-from .base import StoreInterfaceMixin, decode_session, encode_session
+from ..errors import SessionStoreUnavailable
+from .base import SessionGone, StoreInterfaceMixin, decode_session
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -41,15 +41,9 @@ logger = logging.getLogger("pyloto_corp.session_store")
 MAX_DATA_BYTES = 1_048_576 - 4_096
 DELETE_BATCH_SIZE = 500
 
-_LOADED = "_pyloto_firestore_loaded"
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class _SessionGone(Exception):
-    """The document was deleted (a logout) while this request ran."""
 
 
 class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface):
@@ -134,74 +128,53 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
             return None  # expired; the TTL policy or the cleanup command deletes it later
         session = decode_session(data, store_id)
         if session is not None:
-            g.setdefault(_LOADED, {})[store_id] = expires_at
+            self.remember_loaded(store_id, expires_at)
         return session
 
     def _upsert_session(
         self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
     ) -> None:
-        data = encode_session(session)
-        if len(data) > MAX_DATA_BYTES:
-            raise SessionTooLarge(
-                f"The session is {len(data):,} bytes encoded; the Firestore backend stores at "
-                f"most {MAX_DATA_BYTES:,}. The stored session was left unchanged."
-            )
+        data = self.encode(session, limit=MAX_DATA_BYTES)
         now = _now()
         fields = {"data": data, "expires_at": now + session_lifetime, "updated_at": now}
-        if store_id in g.get(_LOADED, {}):
+        if self.recall_loaded(store_id) is not None:
             try:
                 self._call(self._document(store_id).update, fields)
             except google_exceptions.NotFound:
-                raise _SessionGone from None
+                raise SessionGone from None
         else:
+            self.create_new(session, lambda key: self._create(key, fields))
+
+    def _create(self, store_id: str, fields: dict[str, Any]) -> bool:
+        try:
             self._call(self._document(store_id).create, fields)
+        except google_exceptions.AlreadyExists:
+            return False
+        return True
 
     def _delete_session(self, store_id: str) -> None:
         if is_valid_collection_id(store_id):
             self._call(self._document(store_id).delete)
 
+    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+        if session and not session.modified:
+            if session.accessed:
+                response.vary.add("Cookie")
+            self._refresh_expiry(self._get_store_id(session.sid), app.permanent_session_lifetime)
+            return
+        super().write_session(app, session, response)
+
     def _refresh_expiry(self, store_id: str, lifetime: timedelta) -> None:
         """Slide the stored expiry when it is more than the refresh interval stale."""
-        loaded: datetime | None = g.get(_LOADED, {}).get(store_id)
+        loaded = self.recall_loaded(store_id)
         now = _now()
-        if loaded is None or now + lifetime - loaded < self.refresh_interval:
+        if not isinstance(loaded, datetime) or now + lifetime - loaded < self.refresh_interval:
             return
         try:
             fields = {"expires_at": now + lifetime, "updated_at": now}
             self._call(self._document(store_id).update, fields)
         except google_exceptions.NotFound:
-            raise _SessionGone from None
-
-    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
-        if not session:
-            super().write_session(app, session, response)  # logout: delete document and cookie
-            return
-        if session.accessed:
-            response.vary.add("Cookie")
-        store_id = self._get_store_id(session.sid)
-        lifetime = app.permanent_session_lifetime
-        try:
-            if session.modified:
-                try:
-                    self._upsert_session(lifetime, session, store_id)
-                except google_exceptions.AlreadyExists:
-                    # A 256-bit id collided (or a retried create had landed): never overwrite.
-                    session.sid = self._generate_sid(self.sid_length)
-                    store_id = self._get_store_id(session.sid)
-                    self._upsert_session(lifetime, session, store_id)
-            else:
-                self._refresh_expiry(store_id, lifetime)
-        except _SessionGone:
-            # Logged out by another request meanwhile: do not bring the session back.
-            response.delete_cookie(
-                self.get_cookie_name(app),
-                domain=self.get_cookie_domain(app),
-                path=self.get_cookie_path(app),
-            )
-            response.vary.add("Cookie")
-            return
-        if self.should_set_cookie(app, session):
-            self.set_session_cookie(app, session, response)
+            raise SessionGone from None
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -236,7 +209,7 @@ def create_interface(
             project=settings.firestore_project, database=settings.firestore_database
         )
 
-    return FirestoreSessionInterface(
+    interface = FirestoreSessionInterface(
         app,
         factory,
         collection=settings.firestore_collection,
@@ -244,3 +217,7 @@ def create_interface(
         timeout=settings.firestore_timeout,
         refresh_interval=settings.refresh_interval,
     )
+    interface.set_limits(
+        absolute_lifetime=settings.session_absolute_lifetime, max_bytes=settings.session_max_bytes
+    )
+    return interface

@@ -3,7 +3,8 @@
 Flask-Session refreshes the expiry by rewriting the whole session after every request (GET then
 SET). Here the read is ``GETEX key EX lifetime``, which returns the session and slides its idle
 timeout in one command, so a request that only reads the session costs one round trip, and only a
-modified session is written back.
+modified session is written back: ``SET ... XX`` for a session that was read (a logout meanwhile
+is final), ``SET ... NX`` for a new one (an id is never overwritten).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from redis.retry import Retry
 
 from ..config.settings import Settings, redact_url
 from ..errors import SessionStoreUnavailable
-from .base import StoreInterfaceMixin, decode_session, encode_session
+from .base import SessionGone, StoreInterfaceMixin, decode_session
 
 #: Retries on connection errors and timeouts only (redis-py's Retry); a bad command is not retried.
 RETRIES = 2
@@ -45,42 +46,47 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
             f"Redis session store at {self.display_url} failed: {type(exc).__name__}"
         )
 
-    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
-        ttl = _lifetime_seconds(self.app.permanent_session_lifetime)
+    def _redis(self, command: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            data = self.client.getex(store_id, ex=ttl)
+            return command(*args, **kwargs)
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
-        return None if data is None else decode_session(data, store_id)
+
+    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
+        ttl = _lifetime_seconds(self.app.permanent_session_lifetime)
+        data = self._redis(self.client.getex, store_id, ex=ttl)
+        session = None if data is None else decode_session(data, store_id)
+        if session is not None:
+            self.remember_loaded(store_id)
+        return session
 
     def _upsert_session(
         self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
     ) -> None:
-        data = encode_session(session)
-        try:
-            self.client.set(store_id, data, ex=_lifetime_seconds(session_lifetime))
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        data = self.encode(session)
+        ttl = _lifetime_seconds(session_lifetime)
+        if self.recall_loaded(store_id):
+            # XX: only if it still exists, so a request finishing after a logout cannot
+            # bring the session back.
+            if not self._redis(self.client.set, store_id, data, ex=ttl, xx=True):
+                raise SessionGone
+        else:
+            self.create_new(
+                session, lambda key: bool(self._redis(self.client.set, key, data, ex=ttl, nx=True))
+            )
 
     def _delete_session(self, store_id: str) -> None:
-        try:
-            self.client.delete(store_id)
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        self._redis(self.client.delete, store_id)
 
     def ping(self) -> None:
-        try:
-            self.client.ping()
-        except redis.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        self._redis(self.client.ping)
 
     def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if session and not session.modified:
-            # GETEX already slid the stored expiry; only the cookie's expiry needs refreshing.
+            # GETEX already slid the stored expiry and the cookie's expiry is absolute:
+            # a read-only request writes nothing.
             if session.accessed:
                 response.vary.add("Cookie")
-            if self.should_set_cookie(app, session):
-                self.set_session_cookie(app, session, response)
             return
         super().write_session(app, session, response)
 
@@ -107,9 +113,13 @@ def create_client(settings: Settings) -> redis.Redis:
 def create_interface(
     app: Flask, settings: Settings, client: redis.Redis | None = None
 ) -> RedisSessionInterface:
-    return RedisSessionInterface(
+    interface = RedisSessionInterface(
         app,
         client if client is not None else create_client(settings),
         key_prefix=settings.session_key_prefix,
         display_url=redact_url(settings.redis_url) or "(client given by the caller)",
     )
+    interface.set_limits(
+        absolute_lifetime=settings.session_absolute_lifetime, max_bytes=settings.session_max_bytes
+    )
+    return interface

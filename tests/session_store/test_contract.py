@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,114 @@ def test_corrupt_or_hostile_stored_data_gives_a_fresh_session(
     assert not marker.exists()
     assert "Discarded undecodable session data" in caplog.text
     assert sid not in caplog.text
+
+
+def test_oversized_session_is_refused_and_the_stored_one_kept(
+    backend: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = backend.make()
+    SessionStore.state(app).interface.max_bytes = 4096
+
+    @app.post("/big")
+    def big() -> dict[str, bool]:
+        session["blob"] = "x" * 5000
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    before = backend.read_raw(app, backend.store_id(app, sid))
+    response = client.post("/big", headers={"Accept": "application/json"})
+    assert response.status_code == 500
+    assert response.json is not None
+    assert response.json["error"] == "session_too_large"
+    assert "accepts at most 4,096" in response.json["message"]
+    assert "Set-Cookie" not in response.headers
+    assert backend.read_raw(app, backend.store_id(app, sid)) == before
+    assert client.get("/session/counter").json == {"counter": 1}
+    assert "session_too_large" not in caplog.text
+    assert "accepts at most 4,096" in caplog.text
+
+
+def test_cookie_expires_at_the_absolute_lifetime(backend: Harness) -> None:
+    app = backend.make()
+    before = time.time()
+    header = app.test_client().post("/session/counter").headers["Set-Cookie"]
+    (expires,) = [p.split("=", 1)[1] for p in header.split("; ") if p.startswith("Expires=")]
+    absolute = SessionStore.state(app).settings.session_absolute_lifetime.total_seconds()
+    assert abs(parsedate_to_datetime(expires).timestamp() - (before + absolute)) < 5
+
+
+def test_absolute_lifetime_ends_an_active_session(backend: Harness) -> None:
+    app = backend.make()
+
+    @app.post("/age")
+    def age() -> dict[str, bool]:
+        session["_created_at"] = int(time.time()) - 8 * 24 * 3600  # older than the 7 day default
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    client.post("/age")
+    assert backend.read_raw(app, backend.store_id(app, sid)) is not None
+    assert client.get("/session/counter").json == {"counter": 0}
+    assert backend.read_raw(app, backend.store_id(app, sid)) is None
+
+
+@pytest.mark.parametrize("slow_request_writes", [True, False], ids=["modifies", "reads"])
+def test_logout_is_final_for_a_request_that_started_before_it(
+    backend: Harness, slow_request_writes: bool
+) -> None:
+    loaded, release = threading.Event(), threading.Event()
+    app = backend.make()
+
+    @app.post("/slow")
+    def slow() -> dict[str, bool]:
+        if slow_request_writes:
+            session["late"] = True
+        else:
+            session.get("counter")
+        loaded.set()
+        release.wait(10)
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    results: dict[str, str] = {}
+
+    def run_slow() -> None:
+        other = app.test_client()
+        other.set_cookie("session", sid)
+        results["set-cookie"] = other.post("/slow").headers.get("Set-Cookie", "")
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    assert loaded.wait(10)
+    client.delete("/session")
+    release.set()
+    thread.join(10)
+    if slow_request_writes or backend.name == "memory":
+        assert results["set-cookie"].startswith("session=;")
+    assert backend.read_raw(app, backend.store_id(app, sid)) is None
+
+
+def test_concurrent_writes_to_one_session_last_write_wins(backend: Harness) -> None:
+    """Two requests changing one session at once: no error, no corruption; the later write
+    replaces the earlier one (no merge), so some increments are lost."""
+    app = backend.make()
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    statuses: list[int] = []
+
+    def hammer() -> None:
+        worker = app.test_client()
+        worker.set_cookie("session", sid)
+        statuses.extend(worker.post("/session/counter").status_code for _ in range(10))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [200] * 40
+    counter = client.get("/session/counter").json["counter"]  # type: ignore[index]
+    assert 2 <= counter <= 41
