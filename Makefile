@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 5000
 
-.PHONY: serve test lint services clean
+.PHONY: serve test lint services bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ services:
 ## Run the whole test suite against the real services.
 test: $(STAMP) services
 	$(BIN)/python -m pytest
+
+## Side-by-side benchmark (real redis-server, Firestore emulator, gunicorn, wrk).
+bench: $(STAMP) services
+	@command -v wrk >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS=--quick
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
