@@ -6,11 +6,13 @@ A test that needs a service and cannot start it fails (it never skips).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -37,7 +39,9 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
 class RedisServer:
     """One ``redis-server`` process; ``stop()``/``start()`` simulate an outage on the same port."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, password: str | None = None, persistent: bool = False
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -46,6 +50,7 @@ class RedisServer:
         self.binary = binary
         self.workdir = workdir
         self.password = password
+        self.persistent = persistent
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +64,10 @@ class RedisServer:
 
     def start(self) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        # Persistent: every acknowledged write is fsynced to the append-only file first.
+        appendonly = ["--appendonly", "yes", "--appendfsync", "always"]
+        args += ["--save", "", "--dir", str(self.workdir)]
+        args += appendonly if self.persistent else ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,3 +148,59 @@ class FirestoreEmulator:
                 self.process.wait(timeout=5)
             wait_until(lambda: not self._answers(), 15, "Firestore emulator shutdown")
             self.process = None
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Gunicorn:
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` on a free loopback port; output goes to a file
+    (a pipe would fill up under load and block the server)."""
+
+    def __init__(self, workdir: Path, environ: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log = workdir / f"gunicorn-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if k not in ("ENV", "SESSION_STORE_BACKEND")}
+        env.update(FLASK_SKIP_DOTENV="1", GUNICORN_WORKERS="1", GUNICORN_THREADS="4")
+        env.update(environ, PORT=str(self.port))
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Gunicorn:
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        process = self.process
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.output()}")
+            try:
+                return self.request("GET", "/healthz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(up, 30, f"gunicorn on port {self.port}")
+        return self
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 10
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> str:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        return self.output()

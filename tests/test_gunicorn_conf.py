@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SECRET
-from tests.services import RedisServer, free_port, wait_until
+from tests.services import Gunicorn, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"]
@@ -23,66 +21,25 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "w
 
 def _env(**environ: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ENV", "SESSION_STORE_BACKEND")}
-    env.update(FLASK_SKIP_DOTENV="1", GUNICORN_WORKERS="1", GUNICORN_THREADS="2", **environ)
+    env.update(FLASK_SKIP_DOTENV="1", **environ)
     return env
 
 
-class Served:
-    def __init__(self, port: int, process: subprocess.Popen[str]) -> None:
-        self.port, self.process = port, process
-
-    def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            connection.request(method, path, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=20)
-        return output
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[..., Served]]:
-    started: list[Served] = []
+def serve(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    started: list[Gunicorn] = []
 
-    def start(**environ: str) -> Served:
-        port = free_port()
-        process = subprocess.Popen(
-            GUNICORN,
-            cwd=ROOT,
-            env=_env(PORT=str(port), **environ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        served = Served(port, process)
-        started.append(served)
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {process.communicate()[0]}")
-            try:
-                return served.request("GET", "/healthz")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, 30, "gunicorn")
-        return served
+    def start(**environ: str) -> Gunicorn:
+        server = Gunicorn(tmp_path, {"GUNICORN_THREADS": "2", **environ})
+        started.append(server)
+        return server.start()
 
     yield start
-    for served in started:
-        if served.process.poll() is None:
-            served.stop()
+    for server in started:
+        server.stop()
 
 
-def test_development_serves_sessions(serve: Callable[..., Served]) -> None:
+def test_development_serves_sessions(serve: Callable[..., Gunicorn]) -> None:
     served = serve(ENV="development")
     status, headers, body = served.request("POST", "/session/counter")
     assert (status, json.loads(body)) == (200, {"counter": 1})
@@ -92,7 +49,7 @@ def test_development_serves_sessions(serve: Callable[..., Served]) -> None:
 
 
 def test_production_logs_json_with_trace_and_answers_503_when_redis_stops(
-    serve: Callable[..., Served], tmp_path: Path
+    serve: Callable[..., Gunicorn], tmp_path: Path
 ) -> None:
     redis = RedisServer(tmp_path, password="gunicorn-redis-pass")
     redis.start()
