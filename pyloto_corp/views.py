@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, session
+from flask import Blueprint, abort, request, session
 
 from .errors import SessionStoreUnavailable
-from .session_store import SessionStore
+from .session_store import SessionStore, end_session, rotate_session_id
 
 bp = Blueprint("pyloto_corp", __name__)
 
@@ -38,8 +38,20 @@ def increment_counter() -> dict[str, int]:
     return {"counter": session["counter"]}
 
 
+@bp.post("/session/login")
+def login() -> dict[str, str]:
+    """A stand-in login: rotates the session id, then records the user."""
+    payload = request.get_json(silent=True) or {}
+    user = payload.get("user")
+    if not isinstance(user, str) or not 0 < len(user) <= 100:
+        abort(400, description='Send JSON {"user": "<name>"} (1 to 100 characters).')
+    rotate_session_id()
+    session["user"] = user
+    return {"user": user}
+
+
 @bp.delete("/session")
 def clear_session() -> dict[str, bool]:
     """Logout: the stored session is deleted and the cookie removed."""
-    session.clear()
+    end_session()
     return {"cleared": True}

@@ -7,5 +7,6 @@ chosen, so a Redis deployment never pays for importing google.cloud.
 from __future__ import annotations
 
 from .extension import EXTENSION_KEY, SessionStore, StoreState
+from .lifecycle import end_session, rotate_session_id
 
-__all__ = ["EXTENSION_KEY", "SessionStore", "StoreState"]
+__all__ = ["EXTENSION_KEY", "SessionStore", "StoreState", "end_session", "rotate_session_id"]

@@ -293,3 +293,49 @@ def test_concurrent_writes_to_one_session_last_write_wins(backend: Harness) -> N
     assert statuses == [200] * 40
     counter = client.get("/session/counter").json["counter"]  # type: ignore[index]
     assert 2 <= counter <= 41
+
+
+def test_login_rotates_the_id_and_deletes_the_old_one(backend: Harness) -> None:
+    app = backend.make()
+    client = app.test_client()
+    old_sid = _sid(client.post("/session/counter"))
+    response = client.post("/session/login", json={"user": "ana"})
+    assert response.json == {"user": "ana"}
+    new_sid = _sid(response)
+    assert new_sid != old_sid
+    assert backend.read_raw(app, backend.store_id(app, old_sid)) is None
+    assert backend.read_raw(app, backend.store_id(app, new_sid)) is not None
+    assert client.get("/session/counter").json == {"counter": 1}
+
+
+def test_login_on_an_empty_session_still_issues_a_new_id(backend: Harness) -> None:
+    app = backend.make()
+    client = app.test_client()
+    client.set_cookie("session", "planted-by-an-attacker")
+    sid = _sid(client.post("/session/login", json={"user": "ana"}))
+    assert sid != "planted-by-an-attacker"
+    assert backend.read_raw(app, backend.store_id(app, sid)) is not None
+
+
+def test_login_rejects_a_bad_payload(backend: Harness) -> None:
+    response = backend.make().test_client().post("/session/login", json={"user": ""})
+    assert response.status_code == 400
+
+
+def test_session_ids_are_256_bits_from_secrets(
+    backend: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secrets
+
+    issued: dict[str, int] = {}
+    original = secrets.token_urlsafe
+
+    def spy(nbytes: int) -> str:
+        value = original(nbytes)
+        issued[value] = nbytes
+        return value
+
+    monkeypatch.setattr(secrets, "token_urlsafe", spy)
+    sid = _sid(backend.make().test_client().post("/session/counter"))
+    assert issued[sid] == 32
+    assert len(sid) == 43  # 32 bytes, base64url without padding
