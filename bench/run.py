@@ -35,6 +35,10 @@ from tests.services import FirestoreEmulator, RedisServer, free_port, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + "s" * 40
 WRK = shutil.which("wrk") or "wrk"
+# With --pin, the served app runs on CPU 0 and wrk on CPU 1, so the load generator does not steal
+# the app's cycles at random: the comparison between apps gets much steadier.
+PIN_SERVER: list[str] = []
+PIN_LOAD: list[str] = []
 HANDSHAKE = (
     "cmdstat_hello",
     "cmdstat_client|setinfo",
@@ -92,6 +96,7 @@ def request(port: int, method: str, cookie: str | None = None) -> tuple[int, str
 def gunicorn(env: dict[str, str]) -> Iterator[int]:
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "bench.apps:create()"]
+    command = PIN_SERVER + command
     process = subprocess.Popen(  # noqa: S603 - fixed arguments
         command,
         cwd=ROOT,
@@ -121,7 +126,17 @@ def wrk(port: int, cookie: str, seconds: int) -> tuple[float, float, float, int]
     """(requests/s, p50 ms, p99 ms, requests) for read-only requests carrying the cookie."""
     url = f"http://127.0.0.1:{port}/session/counter"
     output = subprocess.run(  # noqa: S603 - fixed arguments
-        [WRK, "-t2", "-c16", f"-d{seconds}s", "--latency", "-H", f"Cookie: {cookie}", url],
+        [
+            *PIN_LOAD,
+            WRK,
+            "-t2",
+            "-c16",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Cookie: {cookie}",
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -231,7 +246,12 @@ def cold_start(runs: int, *candidates: tuple[dict[str, str], str]) -> list[tuple
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="short run (CI)")
+    parser.add_argument("--pin", action="store_true", help="app on CPU 0, wrk on CPU 1")
     args = parser.parse_args(argv)
+    if args.pin:
+        taskset = shutil.which("taskset") or "taskset"
+        PIN_SERVER[:] = [taskset, "-c", "0"]
+        PIN_LOAD[:] = [taskset, "-c", "1"]
     seconds, rounds, count, runs = (2, 1, 300, 5) if args.quick else (8, 3, 2000, 25)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make bench` (it installs Debian's wrk).")
@@ -274,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, limit = rows["ours_redis"], rows["flask_session_norefresh"]
     defaults, ceiling = rows["flask_session"], rows["cookie"]
-    print(f"Machine: {os.cpu_count()} cores; wrk -t2 -c16, {seconds}s x {rounds}; gunicorn 2x4")
+    pinned = "; app pinned to CPU 0, wrk to CPU 1" if args.pin else ""
+    setup = f"wrk -t2 -c16, {seconds}s x {rounds}; gunicorn 2x4{pinned}"
+    print(f"Machine: {os.cpu_count()} cores; {setup}")
     print()
     print("| app | req/s | p50 ms | p99 ms | store ops / read | in-process µs | vs cookie |")
     print("|---|---:|---:|---:|---|---:|---:|")

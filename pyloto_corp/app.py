@@ -18,10 +18,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     """
     settings = Settings.from_env() if settings is None else settings
     app = Flask(__name__)
-    if settings.is_deployed:
-        # Cloud Run's front end terminates TLS and is the one proxy hop: trust its X-Forwarded-*
-        # so url_for and Secure cookies see https.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    hops = settings.proxy_hops
+    if hops:
+        # Cloud Run's front end terminates TLS: trust its X-Forwarded-* so the app sees https
+        # and the client's address. Nowhere else by default: there the headers could be forged.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     SessionStore(app, settings)
     app.register_blueprint(bp)
     return app

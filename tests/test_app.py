@@ -82,26 +82,41 @@ def test_round_trip_through_real_redis(
     assert len(keys) == 1
 
 
-def test_a_second_instance_reads_the_same_session(
-    make_app: MakeApp, redis_env: dict[str, str]
+@pytest.mark.parametrize(("backend", "shared"), [("redis", True), ("memory", False)])
+def test_a_second_instance_sees_the_session_only_with_a_shared_store(
+    make_app: MakeApp, request: pytest.FixtureRequest, backend: str, shared: bool
 ) -> None:
-    """Two apps (two Cloud Run instances) sharing one Redis see the same session."""
-    first, second = make_app(**redis_env), make_app(**redis_env)
+    """Two apps (two Cloud Run instances): Redis shares the session, memory splits it."""
+    environ = request.getfixturevalue("redis_env") if shared else {"ENV": "development"}
+    first, second = make_app(**environ), make_app(**environ)
     client = first.test_client()
     client.post("/session/counter")
     cookie = client.get_cookie("session")
     assert cookie is not None
     other = second.test_client()
     other.set_cookie("session", cookie.value)
-    assert other.get("/session/counter").json == {"counter": 1}
+    assert other.get("/session/counter").json == {"counter": 1 if shared else 0}
 
 
-def test_memory_sessions_do_not_cross_instances(make_app: MakeApp) -> None:
-    first, second = make_app(ENV="development"), make_app(ENV="development")
-    client = first.test_client()
-    client.post("/session/counter")
-    cookie = client.get_cookie("session")
-    assert cookie is not None
-    other = second.test_client()
-    other.set_cookie("session", cookie.value)
-    assert other.get("/session/counter").json == {"counter": 0}
+@pytest.mark.parametrize(
+    ("environ", "scheme"),
+    [
+        ({"K_SERVICE": "api"}, "https"),
+        ({}, "http"),
+        ({"TRUSTED_PROXY_HOPS": "1"}, "https"),
+        ({"K_SERVICE": "api", "TRUSTED_PROXY_HOPS": "0"}, "http"),
+    ],
+)
+def test_forwarded_headers_are_trusted_only_behind_a_known_proxy(
+    make_app: MakeApp, redis_env: dict[str, str], environ: dict[str, str], scheme: str
+) -> None:
+    app = make_app(**redis_env, **environ)
+
+    @app.get("/scheme")
+    def current_scheme() -> dict[str, str]:
+        from flask import request
+
+        return {"scheme": request.scheme}
+
+    headers = {"X-Forwarded-Proto": "https"}
+    assert app.test_client().get("/scheme", headers=headers).json == {"scheme": scheme}

@@ -312,3 +312,16 @@ def test_repr_and_redacted_view_hide_secrets() -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("environ", "hops"),
+    [({}, 0), ({Var.K_SERVICE: "api"}, 1), ({Var.TRUSTED_PROXY_HOPS: "2"}, 2)],
+)
+def test_proxy_hops(environ: dict[str, str], hops: int) -> None:
+    assert Settings.from_env(environ).proxy_hops == hops
+
+
+def test_proxy_hops_out_of_range() -> None:
+    problems = Settings.from_env({Var.TRUSTED_PROXY_HOPS: "9"}).validate()
+    assert problems == ["TRUSTED_PROXY_HOPS must be a whole number from 0 to 5."]

@@ -43,6 +43,7 @@ class Var:
     FIRESTORE_COLLECTION: Final = "FIRESTORE_COLLECTION"
     FIRESTORE_TIMEOUT: Final = "FIRESTORE_TIMEOUT"
     FIRESTORE_REFRESH_INTERVAL: Final = "FIRESTORE_REFRESH_INTERVAL"
+    TRUSTED_PROXY_HOPS: Final = "TRUSTED_PROXY_HOPS"
     WHATSAPP_ACCESS_TOKEN: Final = "WHATSAPP_ACCESS_TOKEN"  # noqa: S105 - a variable name
 
 
@@ -153,6 +154,9 @@ class Settings:
     #: How stale the stored expiry may get before a read-only request rewrites it (None: a tenth
     #: of the lifetime). Keeps Firestore at about one write per session per interval.
     firestore_refresh_interval: timedelta | None = None
+    #: Proxies in front of the app whose X-Forwarded-* headers are trusted (None: 1 on Cloud
+    #: Run, whose front end terminates TLS; 0 elsewhere, where such headers may be forged).
+    trusted_proxy_hops: int | None = None
     whatsapp_access_token: str | None = None
     #: Values that did not parse (``("REDIS_SOCKET_TIMEOUT: Not a valid number.",)``).
     parse_problems: tuple[str, ...] = ()
@@ -194,6 +198,7 @@ class Settings:
             "firestore_collection": env.str(Var.FIRESTORE_COLLECTION, None),
             "firestore_timeout": env.float(Var.FIRESTORE_TIMEOUT, None),
             "firestore_refresh_interval": env.timedelta(Var.FIRESTORE_REFRESH_INTERVAL, None),
+            "trusted_proxy_hops": env.int(Var.TRUSTED_PROXY_HOPS, None),
             "whatsapp_access_token": env.str(Var.WHATSAPP_ACCESS_TOKEN, None),
         }
         problems: tuple[str, ...] = ()
@@ -229,6 +234,13 @@ class Settings:
     def is_deployed(self) -> bool:
         """Serving real users: staging, production, or any Cloud Run instance (it is stateless)."""
         return self.environment in DEPLOYED_ENVIRONMENTS or self.on_cloud_run
+
+    @property
+    def proxy_hops(self) -> int:
+        """The effective number of trusted proxy hops."""
+        if self.trusted_proxy_hops is None:
+            return 1 if self.on_cloud_run else 0
+        return self.trusted_proxy_hops
 
     @property
     def refresh_interval(self) -> timedelta:
@@ -351,6 +363,8 @@ class Settings:
                 f"{Var.ENV}={self.environment!r} is not a known environment; use one of: {known}."
             )
         problems += self.validate_session_store_config()
+        if not 0 <= self.proxy_hops <= 5:
+            problems.append(f"{Var.TRUSTED_PROXY_HOPS} must be a whole number from 0 to 5.")
         problems += self._secret_key_problems()
         problems += self._cookie_problems()
         return problems
@@ -425,6 +439,7 @@ class Settings:
             Var.FIRESTORE_COLLECTION: self.firestore_collection,
             Var.FIRESTORE_TIMEOUT: self.firestore_timeout,
             Var.FIRESTORE_REFRESH_INTERVAL: int(self.refresh_interval.total_seconds()),
+            Var.TRUSTED_PROXY_HOPS: self.proxy_hops,
             Var.WHATSAPP_ACCESS_TOKEN: secret(self.whatsapp_access_token),
         }
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import msgspec
-from flask import Flask, Request, Response, g, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
@@ -29,7 +30,6 @@ logger = logging.getLogger("pyloto_corp.session_store")
 RETRY_AFTER_SECONDS = 5
 #: Session key holding the creation time (epoch seconds), for the absolute timeout.
 CREATED_AT = "_created_at"
-_LOADED = "_pyloto_session_loaded"
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _encoder = msgspec.msgpack.Encoder()
@@ -97,6 +97,8 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     backend_name = "store"
     absolute_lifetime = timedelta(days=7)
     max_bytes = 512 * 1024
+    # Hands what load() learnt from the store to open_session(), within one call on one thread.
+    _loading = threading.local()
 
     def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
         self.absolute_lifetime = absolute_lifetime
@@ -105,8 +107,12 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     # -- reading ---------------------------------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> ServerSideSession:
+        self._loading.found = None
         try:
             session: ServerSideSession = super().open_session(app, request)
+            # What the store said about this session (exists; Firestore: its expiry) travels
+            # with the session object to save_session().
+            session.stored = self._loading.found
             created = _created_at(session)
             if created is not None and not self._within_absolute_lifetime(created):
                 self._delete_session(self._get_store_id(session.sid))
@@ -122,13 +128,21 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
             return False
         return 0 <= time.time() - created <= self.absolute_lifetime.total_seconds()
 
-    def remember_loaded(self, store_id: str, value: object = True) -> None:
-        """Note, for this request, that ``store_id`` was read from the store (and what of it)."""
-        g.setdefault(_LOADED, {})[store_id] = value
+    def load(
+        self, data: bytes | None, store_id: str, loaded: object = True
+    ) -> dict[str, Any] | None:
+        """Decode what the store returned and note that the session exists (and ``loaded``)."""
+        session = None if data is None else decode_session(data, store_id)
+        if session is not None:
+            self._loading.found = (store_id, loaded)
+        return session
 
-    def recall_loaded(self, store_id: str) -> object | None:
-        loaded: dict[str, object] = g.get(_LOADED, {})
-        return loaded.get(store_id)
+    @staticmethod
+    def stored(session: ServerSideSession, store_id: str) -> object | None:
+        """What the store said when ``store_id`` was read for this session; None if it was not
+        (a new session, or one whose id was rotated since)."""
+        found = getattr(session, "stored", None)
+        return found[1] if found is not None and found[0] == store_id else None
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -155,6 +169,25 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
             logger.error("%s", exc)
             _replace(response, jsonify(error="session_too_large", message=str(exc)), status=500)
 
+    def _upsert_session(
+        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
+    ) -> None:
+        data = self.encode(session)
+        if self.stored(session, store_id) is not None:
+            # Only if it still exists: a request finishing after a logout cannot revive it.
+            if not self.replace_existing(store_id, data, session_lifetime):
+                raise SessionGone
+        else:
+            self.create_new(session, lambda key: self.create_absent(key, data, session_lifetime))
+
+    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        """Overwrite the stored session if it still exists; False when it does not."""
+        raise NotImplementedError
+
+    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        """Store a new session unless the id is taken; False when it is."""
+        raise NotImplementedError
+
     def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         """Flask-Session's own save logic; backends override it."""
         ServerSideSessionInterface.save_session(self, app, session, response)
@@ -169,10 +202,10 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
         start = created if isinstance(created, int) else int(time.time())
         return datetime.fromtimestamp(start, UTC) + self.absolute_lifetime
 
-    def encode(self, session: ServerSideSession, limit: int | None = None) -> bytes:
+    def encode(self, session: ServerSideSession) -> bytes:
         """The session as msgpack, refused (before any write) when over the size limit."""
         data = encode_session(session)
-        limit = self.max_bytes if limit is None else min(limit, self.max_bytes)
+        limit = self.max_bytes
         if len(data) > limit:
             raise SessionTooLarge(
                 f"The session is {len(data):,} bytes encoded; the {self.backend_name} store "

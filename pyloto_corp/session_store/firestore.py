@@ -33,7 +33,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 
 from ..config.settings import Settings, is_valid_collection_id
 from ..errors import SessionStoreUnavailable
-from .base import SessionGone, StoreInterfaceMixin, decode_session
+from .base import SessionGone, StoreInterfaceMixin
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -126,28 +126,28 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
             return None
         if expires_at <= _now():
             return None  # expired; the TTL policy or the cleanup command deletes it later
-        session = decode_session(data, store_id)
-        if session is not None:
-            self.remember_loaded(store_id, expires_at)
-        return session
+        return self.load(data, store_id, loaded=expires_at)
 
-    def _upsert_session(
-        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
-    ) -> None:
-        data = self.encode(session, limit=MAX_DATA_BYTES)
+    def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
+        # Firestore's own document limit wins over a larger SESSION_MAX_BYTES.
+        super().set_limits(
+            absolute_lifetime=absolute_lifetime, max_bytes=min(max_bytes, MAX_DATA_BYTES)
+        )
+
+    def _fields(self, data: bytes, lifetime: timedelta) -> dict[str, Any]:
         now = _now()
-        fields = {"data": data, "expires_at": now + session_lifetime, "updated_at": now}
-        if self.recall_loaded(store_id) is not None:
-            try:
-                self._call(self._document(store_id).update, fields)
-            except google_exceptions.NotFound:
-                raise SessionGone from None
-        else:
-            self.create_new(session, lambda key: self._create(key, fields))
+        return {"data": data, "expires_at": now + lifetime, "updated_at": now}
 
-    def _create(self, store_id: str, fields: dict[str, Any]) -> bool:
+    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
         try:
-            self._call(self._document(store_id).create, fields)
+            self._call(self._document(store_id).update, self._fields(data, lifetime))
+        except google_exceptions.NotFound:
+            return False
+        return True
+
+    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        try:
+            self._call(self._document(store_id).create, self._fields(data, lifetime))
         except google_exceptions.AlreadyExists:
             return False
         return True
@@ -160,13 +160,14 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
         if session and not session.modified:
             if session.accessed:
                 response.vary.add("Cookie")
-            self._refresh_expiry(self._get_store_id(session.sid), app.permanent_session_lifetime)
+            self._refresh_expiry(session, app.permanent_session_lifetime)
             return
         super().write_session(app, session, response)
 
-    def _refresh_expiry(self, store_id: str, lifetime: timedelta) -> None:
+    def _refresh_expiry(self, session: ServerSideSession, lifetime: timedelta) -> None:
         """Slide the stored expiry when it is more than the refresh interval stale."""
-        loaded = self.recall_loaded(store_id)
+        store_id = self._get_store_id(session.sid)
+        loaded = self.stored(session, store_id)
         now = _now()
         if not isinstance(loaded, datetime) or now + lifetime - loaded < self.refresh_interval:
             return

@@ -11,11 +11,10 @@ from typing import Any
 
 from cachelib import SimpleCache
 from flask import Flask
-from flask_session.base import ServerSideSession
 from flask_session.cachelib import CacheLibSessionInterface
 
 from ..config.settings import Settings
-from .base import SessionGone, StoreInterfaceMixin, decode_session
+from .base import StoreInterfaceMixin
 
 #: SimpleCache evicts beyond this many entries; plenty for one developer's browser tabs.
 MAX_SESSIONS = 10_000
@@ -24,25 +23,22 @@ MAX_SESSIONS = 10_000
 class MemorySessionInterface(StoreInterfaceMixin, CacheLibSessionInterface):
     backend_name = "memory"
 
-    # Stored as the same msgpack bytes as the other backends, so every backend meets one contract.
+    # Stored as the same msgpack bytes as the other backends, so every backend meets one contract;
+    # rewritten on every request (SimpleCache cannot slide an expiry by itself).
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
-        data = self.cache.get(store_id)
-        session = None if data is None else decode_session(data, store_id)
-        if session is not None:
-            self.remember_loaded(store_id)
-        return session
+        return self.load(self.cache.get(store_id), store_id)
 
-    def _upsert_session(
-        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
-    ) -> None:
-        # Rewritten on every request (SimpleCache cannot slide an expiry by itself).
-        data, timeout = self.encode(session), max(1, int(session_lifetime.total_seconds()))
-        if self.recall_loaded(store_id):
-            if not self.cache.has(store_id):
-                raise SessionGone
-            self.cache.set(store_id, data, timeout=timeout)
-        else:
-            self.create_new(session, lambda key: bool(self.cache.add(key, data, timeout=timeout)))
+    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        if not self.cache.has(store_id):
+            return False
+        return bool(self.cache.set(store_id, data, timeout=_seconds(lifetime)))
+
+    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        return bool(self.cache.add(store_id, data, timeout=_seconds(lifetime)))
+
+
+def _seconds(lifetime: timedelta) -> int:
+    return max(1, int(lifetime.total_seconds()))
 
 
 def create_interface(

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from ..config.settings import Settings, redact_url
 from ..errors import SessionStoreUnavailable
-from .base import SessionGone, StoreInterfaceMixin, decode_session
+from .base import StoreInterfaceMixin
 
 #: Retries on connection errors and timeouts only (redis-py's Retry); a bad command is not retried.
 RETRIES = 2
@@ -54,26 +54,15 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
 
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
         ttl = _lifetime_seconds(self.app.permanent_session_lifetime)
-        data = self._redis(self.client.getex, store_id, ex=ttl)
-        session = None if data is None else decode_session(data, store_id)
-        if session is not None:
-            self.remember_loaded(store_id)
-        return session
+        return self.load(self._redis(self.client.getex, store_id, ex=ttl), store_id)
 
-    def _upsert_session(
-        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
-    ) -> None:
-        data = self.encode(session)
-        ttl = _lifetime_seconds(session_lifetime)
-        if self.recall_loaded(store_id):
-            # XX: only if it still exists, so a request finishing after a logout cannot
-            # bring the session back.
-            if not self._redis(self.client.set, store_id, data, ex=ttl, xx=True):
-                raise SessionGone
-        else:
-            self.create_new(
-                session, lambda key: bool(self._redis(self.client.set, key, data, ex=ttl, nx=True))
-            )
+    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        ex = _lifetime_seconds(lifetime)
+        return bool(self._redis(self.client.set, store_id, data, ex=ex, xx=True))
+
+    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        ex = _lifetime_seconds(lifetime)
+        return bool(self._redis(self.client.set, store_id, data, ex=ex, nx=True))
 
     def _delete_session(self, store_id: str) -> None:
         self._redis(self.client.delete, store_id)
