@@ -112,7 +112,7 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
             session: ServerSideSession = super().open_session(app, request)
             # What the store said about this session (exists; Firestore: its expiry) travels
             # with the session object to save_session().
-            session.stored = self._loading.found
+            session.loaded_from_store = self._loading.found
             created = _created_at(session)
             if created is not None and not self._within_absolute_lifetime(created):
                 self._delete_session(self._get_store_id(session.sid))
@@ -141,7 +141,7 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     def stored(session: ServerSideSession, store_id: str) -> object | None:
         """What the store said when ``store_id`` was read for this session; None if it was not
         (a new session, or one whose id was rotated since)."""
-        found = getattr(session, "stored", None)
+        found = getattr(session, "loaded_from_store", None)
         return found[1] if found is not None and found[0] == store_id else None
 
     # -- writing ---------------------------------------------------------------------------------
