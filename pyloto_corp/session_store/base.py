@@ -69,13 +69,27 @@ def unavailable_response() -> Response:
     return response
 
 
-def refuse_when_store_unavailable() -> Response | None:
-    """A ``before_request`` hook: answer 503 before any view sees a stand-in session."""
-    from flask import session
+def answer_store_unavailable(exc: SessionStoreUnavailable) -> Response:
+    """Error handler: a view that needed the session while the store was down gets a 503."""
+    return unavailable_response()
 
-    if getattr(session, "store_unavailable", False):
-        return unavailable_response()
-    return None
+
+class UnavailableSession(ServerSideSession):
+    """Stands in when the store could not be read: any use of the data raises
+    SessionStoreUnavailable (answered 503), so no view mistakes it for an empty session, and a
+    view that never touches the session (a health check) still works."""
+
+    store_unavailable = True
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise SessionStoreUnavailable("The session store could not be read for this request.")
+
+    __getitem__ = __setitem__ = __delitem__ = __contains__ = __iter__ = __len__ = _refuse
+    get = setdefault = pop = popitem = update = clear = keys = values = items = _refuse
+
+    def __bool__(self) -> bool:
+        self._refuse()
+        return False
 
 
 class SessionGone(Exception):
@@ -119,8 +133,7 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
                 session = self.session_class(sid=self._generate_sid(self.sid_length))
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
-            session = self.session_class(sid=self._generate_sid(self.sid_length))
-            session.store_unavailable = True
+            session = UnavailableSession(sid=self._generate_sid(self.sid_length))
         return session
 
     def _within_absolute_lifetime(self, created: object) -> bool:
@@ -147,9 +160,9 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     # -- writing ---------------------------------------------------------------------------------
 
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
-        if getattr(session, "store_unavailable", False):
-            return  # already answered 503; the stand-in session must not be stored
-        if session and session.modified and CREATED_AT not in session:
+        if isinstance(session, UnavailableSession):
+            return  # the stand-in is never stored
+        if session.modified and session and CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         try:
             self.write_session(app, session, response)

@@ -12,8 +12,8 @@ from flask import Flask, current_app
 from flask_session.base import ServerSideSessionInterface
 
 from ..config.settings import Settings, Var
-from ..errors import ConfigurationError
-from .base import refuse_when_store_unavailable
+from ..errors import ConfigurationError, SessionStoreUnavailable
+from .base import answer_store_unavailable
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -57,8 +57,8 @@ class SessionStore:
         backend = importlib.import_module(f"{__package__}.{settings.session_store_backend}")
         interface = backend.create_interface(app, settings, client)
         app.session_interface = interface
-        # First of all before_request hooks, so no view or hook sees a stand-in session.
-        app.before_request_funcs.setdefault(None, []).insert(0, refuse_when_store_unavailable)
+        # A view that uses the session while the store is down gets a 503, not a 500.
+        app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)
         app.extensions[EXTENSION_KEY] = StoreState(settings=settings, interface=interface)
 
     @staticmethod

@@ -157,7 +157,7 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
             self._call(self._document(store_id).delete)
 
     def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
-        if session and not session.modified:
+        if not session.modified and session:
             if session.accessed:
                 response.vary.add("Cookie")
             self._refresh_expiry(session, app.permanent_session_lifetime)
