@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         taskset = shutil.which("taskset") or "taskset"
         PIN_SERVER[:] = [taskset, "-c", "0"]
         PIN_LOAD[:] = [taskset, "-c", "1"]
-    seconds, rounds, count, runs = (2, 1, 300, 5) if args.quick else (8, 3, 2000, 25)
+    seconds, rounds, count, runs = (2, 2, 300, 5) if args.quick else (8, 3, 2000, 25)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make bench` (it installs Debian's wrk).")
 
