@@ -79,8 +79,6 @@ class UnavailableSession(ServerSideSession):
     SessionStoreUnavailable (answered 503), so no view mistakes it for an empty session, and a
     view that never touches the session (a health check) still works."""
 
-    store_unavailable = True
-
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise SessionStoreUnavailable("The session store could not be read for this request.")
 
