@@ -112,8 +112,11 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     # Hands what load() learnt from the store to open_session(), within one call on one thread.
     _loading = threading.local()
 
+    _absolute_seconds = absolute_lifetime.total_seconds()
+
     def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
         self.absolute_lifetime = absolute_lifetime
+        self._absolute_seconds = absolute_lifetime.total_seconds()
         self.max_bytes = max_bytes
 
     # -- reading ---------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ class StoreInterfaceMixin(ServerSideSessionInterface):
     def _within_absolute_lifetime(self, created: object) -> bool:
         if not isinstance(created, int) or isinstance(created, bool):
             return False
-        return 0 <= time.time() - created <= self.absolute_lifetime.total_seconds()
+        return 0 <= time.time() - created <= self._absolute_seconds
 
     def load(
         self, data: bytes | None, store_id: str, loaded: object = True

@@ -36,10 +36,17 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
     backend_name = "redis"
 
     def __init__(
-        self, app: Flask, client: redis.Redis, *, key_prefix: str, display_url: str
+        self,
+        app: Flask,
+        client: redis.Redis,
+        *,
+        key_prefix: str,
+        display_url: str,
+        lifetime: timedelta,
     ) -> None:
         super().__init__(app, client=client, key_prefix=key_prefix)
         self.display_url = display_url
+        self.ttl_seconds = _lifetime_seconds(lifetime)
 
     def _unavailable(self, exc: redis.RedisError) -> SessionStoreUnavailable:
         return SessionStoreUnavailable(
@@ -53,7 +60,7 @@ class RedisSessionInterface(StoreInterfaceMixin, _FlaskSessionRedisInterface):
             raise self._unavailable(exc) from exc
 
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
-        ttl = _lifetime_seconds(self.app.permanent_session_lifetime)
+        ttl = self.ttl_seconds
         # execute_command skips redis-py's keyword parsing for GETEX (a few µs on every
         # request); the command sent is the same.
         data = self._redis(self.client.execute_command, "GETEX", store_id, "EX", ttl)
@@ -110,6 +117,7 @@ def create_interface(
         client if client is not None else create_client(settings),
         key_prefix=settings.session_key_prefix,
         display_url=redact_url(settings.redis_url) or "(client given by the caller)",
+        lifetime=settings.session_lifetime,
     )
     interface.set_limits(
         absolute_lifetime=settings.session_absolute_lifetime, max_bytes=settings.session_max_bytes
