@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from datetime import timedelta
+from typing import Any
+
+from gunicorn.glogging import Logger as _GunicornLogger
 
 from pyloto_corp.config.settings import Settings
 from pyloto_corp.logs import logging_config
@@ -31,6 +36,20 @@ keepalive = 5
 # its one-paragraph message, and gunicorn exits 1 (without preload it would listen first and
 # die later with "Worker failed to boot"). Store clients connect lazily, in the workers.
 preload_app = True
+
+
+class Logger(_GunicornLogger):  # type: ignore[misc]
+    """gunicorn's logger, except that a request's access-log fields are built only when the
+    access log would write them. gunicorn formats them for every request once any logging
+    config is given, even when LOG_LEVEL=WARNING (say, on Cloud Run, which logs every request
+    itself) drops the line: that was about 7 % of a worker's CPU time."""
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
+        if self.access_log.isEnabledFor(logging.INFO):
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = Logger
 
 # Logs to stdout/stderr, as JSON lines for Cloud Logging when deployed, plain text otherwise.
 accesslog = "-"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,40 @@ def test_development_serves_sessions(serve: Callable[..., Gunicorn]) -> None:
     cookie = headers["Set-Cookie"].split(";")[0]
     status, _, body = served.request("GET", "/session/counter", {"Cookie": cookie})
     assert json.loads(body) == {"counter": 1}
+    assert '"GET /session/counter HTTP/1.1" 200' in served.stop()  # the access log, at INFO
+
+
+def test_log_level_warning_drops_the_access_log(serve: Callable[..., Gunicorn]) -> None:
+    served = serve(ENV="development", LOG_LEVEL="WARNING")
+    assert served.request("GET", "/session/counter")[0] == 200
+    output = served.stop()
+    assert "/session/counter" not in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(("level", "built"), [(logging.INFO, True), (logging.WARNING, False)])
+def test_access_log_fields_are_built_only_when_written(
+    level: int, built: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn would format every request's access-log fields and drop them at WARNING."""
+    import runpy
+
+    from gunicorn.config import Config
+
+    access_log = logging.getLogger("gunicorn.access")
+    monkeypatch.setattr(access_log, "handlers", [])
+    config = Config()
+    config.set("accesslog", "-")
+    logger = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["Logger"](config)
+    calls: list[object] = []
+    monkeypatch.setattr(logger, "atoms", lambda *args: calls.append(args) or {})
+    access_log.handlers = [logging.NullHandler()]
+    access_log.setLevel(level)
+    try:
+        logger.access(object(), object(), {}, timedelta(milliseconds=1))
+    finally:
+        access_log.setLevel(logging.NOTSET)
+    assert bool(calls) is built
 
 
 def test_production_logs_json_with_trace_and_answers_503_when_redis_stops(
