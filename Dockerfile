@@ -15,9 +15,14 @@ RUN mkdir pyloto_corp && touch pyloto_corp/__init__.py \
     && pip install . \
     && pip uninstall -y pyloto_corp
 
+# gunicorn puts /app first on sys.path, so a source tree left here would shadow the installed
+# package and be recompiled on every cold start (PYTHONDONTWRITEBYTECODE). Install it, which
+# compiles its bytecode, drop the sources, and compile wsgi.py too.
 COPY pyloto_corp ./pyloto_corp
 COPY wsgi.py gunicorn.conf.py ./
 RUN pip install --no-deps . \
+    && rm -rf pyloto_corp build ./*.egg-info setup.cfg pyproject.toml README.md \
+    && python -m compileall -q wsgi.py \
     && useradd --system --uid 10001 --no-create-home app
 
 USER 10001

@@ -63,3 +63,21 @@ def test_hadolint_when_available() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_imports_the_compiled_package_not_a_source_copy() -> None:
+    """gunicorn puts the workdir first on sys.path: a source tree left there would shadow the
+    installed (compiled) package and, with PYTHONDONTWRITEBYTECODE, be compiled anew on every
+    cold start."""
+    ops = _instructions()
+    code_copy = next(
+        i for i, (op, args) in enumerate(ops) if op == "COPY" and "pyloto_corp" in args
+    )
+    install = next(
+        args for op, args in ops[code_copy:] if op == "RUN" and "pip install --no-deps ." in args
+    )
+    steps = [step.strip() for step in install.split("&&")]
+    removal = next(step for step in steps if step.startswith("rm "))
+    assert "pyloto_corp" in removal.split()
+    assert steps.index(removal) > next(i for i, s in enumerate(steps) if "pip install" in s)
+    assert any(step.startswith("python -m compileall") and "wsgi.py" in step for step in steps)
