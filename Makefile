@@ -28,11 +28,11 @@ services:
 test: $(STAMP) services
 	$(BIN)/python -m pytest
 
-## Side-by-side benchmark (real redis-server, Firestore emulator, gunicorn, wrk).
+## Side-by-side benchmark (real redis-server, Firestore emulator, gunicorn, wrk; ss checks spread).
 bench: $(STAMP) services
-	@command -v wrk >/dev/null || { \
+	@{ command -v wrk && command -v ss; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk iproute2 >/dev/null; }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick:
