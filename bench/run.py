@@ -47,6 +47,7 @@ MAX_ATTEMPTS = 5
 # the app's cycles at random: the comparison between apps gets much steadier.
 PIN_SERVER: list[str] = []
 PIN_LOAD: list[str] = []
+READ = {"get": 1}  # one Firestore document read
 HANDSHAKE = (
     "cmdstat_hello",
     "cmdstat_client|setinfo",
@@ -197,7 +198,7 @@ def serve_and_measure(
                 raise RuntimeError(f"{name}: creating a session answered {status}")
             cookies[name] = cookie
             wrk(port, cookie, 1)  # warm up both workers
-        for _ in range(rounds):
+        for round_ in range(1, rounds + 1):
             for name, port in ports.items():
                 for _attempt in range(MAX_ATTEMPTS):
                     before = redis_calls(store)
@@ -206,7 +207,10 @@ def serve_and_measure(
                         break
                     rows[name].reruns += 1
                 else:
-                    rows[name].notes.append(f"a round kept lopsided connections {spread}")
+                    rows[name].notes.append(
+                        f"round {round_} still lopsided after {MAX_ATTEMPTS} runs: "
+                        f"connections per worker {spread}"
+                    )
                 if "firestore" not in name:
                     rows[name].store_ops = f"{(redis_calls(store) - before) / total:.2f} cmd"
                 results[name].append((rate, p50, p99))
@@ -248,6 +252,46 @@ def per_request_commands(env: dict[str, str], store: redis.Redis) -> dict[str, i
             request(port, method, sent)
             counts[label] = redis_calls(store)
     return counts
+
+
+def firestore_operations(env: dict[str, str], seconds: float) -> dict[str, dict[str, int]]:
+    """Firestore document operations for: no cookie and no write; read-only; modifying; then
+    ``seconds`` of back-to-back reads of one session with a 1 s refresh interval (lazy refresh:
+    about one expiry write per second however many reads). Our app, in-process, on the emulator."""
+    code = f"""
+import json, time
+from bench.apps import create
+from tests.firestore_operations import counting_document_operations
+client = create().test_client()
+def call(method):
+    response = client.open("/session/counter", method=method, base_url="https://localhost")
+    assert response.status_code == 200, response.status_code
+out = {{}}
+with counting_document_operations() as ops:
+    for label, method in (("no session", "GET"), ("create", "POST"), ("read-only", "GET"),
+                          ("modify", "POST")):
+        started = time.monotonic()  # the last one, "modify", writes the expiry
+        call(method)
+        out[label] = dict(ops)
+        ops.clear()
+    requests, deadline = 0, time.monotonic() + {seconds}
+    while time.monotonic() < deadline:
+        call("GET")
+        requests += 1
+    elapsed_ms = int((time.monotonic() - started) * 1000)
+    out["sustained"] = {{"requests": requests, "elapsed_ms": elapsed_ms, **ops}}
+print(json.dumps(out))
+"""
+    result = subprocess.run(  # noqa: S603 - fixed arguments
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, "FIRESTORE_REFRESH_INTERVAL": "1s"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    operations: dict[str, dict[str, int]] = json.loads(result.stdout)
+    return operations
 
 
 def in_process(app_name: str, env: dict[str, str], count: int) -> float:
@@ -339,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, rates = serve_and_measure(
                 {name: env(name) for name in [*names, "ours_firestore"]}, seconds, rounds, store
             )
-            rows["ours_firestore"].store_ops = "1 read"
+            documents = firestore_operations(env("ours_firestore"), seconds)
             in_process_us = in_process_rounds({name: env(name) for name in names}, count, rounds)
             for name, samples in in_process_us.items():
                 rows[name].in_process_us = statistics.median(samples)
@@ -352,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             emulator.stop()
             server.stop()
 
+    sustained = documents["sustained"]
+    rows["ours_firestore"].store_ops = (
+        f"{sustained.get('get', 0) / sustained['requests']:.2f} read + "
+        f"{sustained.get('update', 0) / sustained['requests']:.3f} write"
+    )
     vs_limit = paired_ratio(rates, "ours_redis", "flask_session_norefresh")
     vs_defaults = paired_ratio(rates, "ours_redis", "flask_session")
     pinned = "; app pinned to CPU 0, wrk to CPU 1" if args.pin else ""
@@ -386,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         pairs = " ".join(f"{a / b:.2f}" for a, b in zip(rates[app], rates[baseline], strict=True))
         print(f"{app} / {baseline}, round by round: {pairs}")
     print(f"Redis commands per request (ours): {json.dumps(commands)}")
+    per_request = {label: documents[label] for label in ("no session", "read-only", "modify")}
+    print(f"Firestore document operations per request (ours): {json.dumps(per_request)}")
+    reads, writes = sustained.get("get", 0), sustained.get("update", 0)
+    print(
+        f"Firestore, {seconds} s of back-to-back reads of one session, refresh interval 1 s: "
+        f"{sustained['requests']} requests, {reads} document reads, {writes} expiry writes"
+    )
     print(
         f"Cold start `import wsgi` (redis): {ours_cold * 1000:.0f} ms; minimal Flask + "
         f"Flask-Session: {base_cold * 1000:.0f} ms; google modules imported: {len(google)}"
@@ -394,6 +450,18 @@ def main(argv: list[str] | None = None) -> int:
     target(
         commands == {"no session": 0, "read-only": 1, "modify": 2},
         "Redis: 0 commands without a session, 1 per read, 2 per modification",
+    )
+    target(
+        per_request == {"no session": {}, "read-only": READ, "modify": {**READ, "update": 1}},
+        "Firestore: 0 operations without a session, 1 read per read, 1 read + 1 write per change",
+    )
+    target(
+        reads == sustained["requests"]
+        and 1 <= writes <= sustained["elapsed_ms"] // 1000
+        and set(sustained) <= {"requests", "elapsed_ms", "get", "update"},
+        f"Firestore expiry written {writes} times over {sustained['requests']} reads in "
+        f"{sustained['elapsed_ms'] / 1000:.1f} s since the change (at most once per 1 s "
+        "refresh interval)",
     )
     target(not google, "redis backend imports no google.cloud module")
     target(

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from flask import Flask, session
 from google.cloud import firestore
-from google.cloud.firestore_v1.document import DocumentReference
 
 from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from tests.conftest import MakeApp
+from tests.firestore_operations import counting_document_operations
 from tests.services import free_port
 
 
@@ -37,20 +38,10 @@ def _doc(sessions: firestore.CollectionReference, sid: str) -> dict[str, Any] | 
 
 
 @pytest.fixture
-def operations(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+def operations() -> Iterator[Counter[str]]:
     """Counts document operations; the calls still go to the real emulator."""
-    counts: Counter[str] = Counter()
-    for name in ("get", "create", "update", "delete", "set"):
-        original = getattr(DocumentReference, name)
-
-        def spy(
-            self: DocumentReference, *args: Any, _name: str = name, _f: Any = original, **kw: Any
-        ) -> Any:
-            counts[_name] += 1
-            return _f(self, *args, **kw)
-
-        monkeypatch.setattr(DocumentReference, name, spy)
-    return counts
+    with counting_document_operations() as counts:
+        yield counts
 
 
 def test_client_is_created_on_first_use(app: Flask) -> None:
