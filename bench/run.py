@@ -1,6 +1,6 @@
 """Side-by-side benchmark: our session store vs Flask-Session vs signed cookies.
 
-    python -m bench.run            # full run (about 5 minutes)
+    python -m bench.run            # full run (about 6 minutes)
     python -m bench.run --quick    # a short run that CI uses to keep this script working
 
 It starts a real redis-server and the Firestore emulator on loopback, serves each app with the
