@@ -20,9 +20,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     hops = settings.proxy_hops
     if hops:
-        # Cloud Run's front end terminates TLS: trust its X-Forwarded-* so the app sees https
-        # and the client's address. Nowhere else by default: there the headers could be forged.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+        # Cloud Run's front end terminates TLS: trust its X-Forwarded-For and -Proto so the app
+        # sees https and the client's address. Nowhere else by default: there the headers could
+        # be forged. Never X-Forwarded-Host: Cloud Run does not set it (Host is already the
+        # client's), so a client's own value would reach url_for(..., _external=True).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     SessionStore(app, settings)
     app.register_blueprint(bp)
     return app

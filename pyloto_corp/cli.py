@@ -1,8 +1,10 @@
 """``flask session-store ...`` and ``python -m pyloto_corp ...``: operate the session store.
 
-The group is registered through the ``flask.commands`` entry point and builds no app: when the
-configuration is bad, ``create_app()`` raises and Flask would drop every command defined on the
-app, exactly when ``check`` is needed. Each command parses the settings itself.
+The group is registered through the ``flask.commands`` entry point, not on an app: when the
+configuration is bad, building the app raises and Flask would drop every command defined on it,
+exactly when ``check`` is needed. ``check`` never builds an app; ``info``, ``ping`` and
+``cleanup`` use the store registered on the app Flask loads (``--app``/``FLASK_APP``), with its
+own settings and client, and the environment alone under ``python -m pyloto_corp``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import time
 
 import click
 from flask import Flask
+from flask.cli import NoAppException, ScriptInfo
 
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
 from .session_store import SessionStore
-from .session_store.base import StoreInterfaceMixin
+from .session_store.extension import EXTENSION_KEY, StoreState
 
 
 def _settings(environment: str | None = None) -> Settings:
@@ -27,15 +30,30 @@ def _settings(environment: str | None = None) -> Settings:
     return Settings.from_env(environ)
 
 
-def _interface(settings: Settings) -> StoreInterfaceMixin:
-    """The configured backend's interface, on a bare app (no routes, no request)."""
+def _store() -> StoreState:
+    """The store registered on the app Flask loads; without one (``python -m pyloto_corp``, or
+    no app to find), the environment's configuration on a bare app."""
+    info = click.get_current_context().find_object(ScriptInfo)
+    app: Flask | None = None
+    if info is not None:
+        try:
+            app = info.load_app()
+        except NoAppException:
+            app = None
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+    if app is not None:
+        if EXTENSION_KEY not in app.extensions:
+            raise click.ClickException(
+                f"The app {app.name!r} has no SessionStore registered; call SessionStore(app)."
+            )
+        return SessionStore.state(app)
     app = Flask("pyloto_corp.cli")
     try:
-        SessionStore(app, settings)
+        SessionStore(app, _settings())
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
-    interface: StoreInterfaceMixin = SessionStore.state(app).interface
-    return interface
+    return SessionStore.state(app)
 
 
 @click.group("session-store")
@@ -61,7 +79,7 @@ def check(environment: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
     """Print the effective configuration, every secret shown as ***."""
-    values = _settings().redacted()
+    values = _store().settings.redacted()
     if as_json:
         click.echo(json.dumps(values, indent=2))
         return
@@ -73,30 +91,28 @@ def info(as_json: bool) -> None:
 @session_store_cli.command()
 def ping() -> None:
     """Connect to the configured store and report the round-trip time."""
-    settings = _settings()
-    interface = _interface(settings)
+    state = _store()
     started = time.perf_counter()
     try:
-        interface.ping()
+        state.interface.ping()
     except SessionStoreUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     elapsed = (time.perf_counter() - started) * 1000
-    click.echo(f"{settings.session_store_backend} answered in {elapsed:.1f} ms")
+    click.echo(f"{state.settings.session_store_backend} answered in {elapsed:.1f} ms")
 
 
 @session_store_cli.command()
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 500))
 def cleanup(batch_size: int) -> None:
     """Delete expired sessions (Firestore without a TTL policy, and the emulator)."""
-    settings = _settings()
-    if settings.session_store_backend != FIRESTORE:
-        click.echo(
-            f"Nothing to do: the {settings.session_store_backend} store expires sessions itself."
-        )
+    state = _store()
+    backend = state.settings.session_store_backend
+    if backend != FIRESTORE:
+        click.echo(f"Nothing to do: the {backend} store expires sessions itself.")
         return
     from .session_store.firestore import FirestoreSessionInterface
 
-    interface = _interface(settings)
+    interface = state.interface
     assert isinstance(interface, FirestoreSessionInterface)
     try:
         deleted = interface.delete_expired_sessions(batch_size=batch_size)

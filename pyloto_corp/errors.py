@@ -1,7 +1,8 @@
 """The few exceptions this package raises on purpose.
 
-They subclass built-ins so callers that only know ``ValueError`` or ``RuntimeError`` still catch
-them; their messages name the variable and the fix, never a secret value.
+They subclass built-ins so callers that only know ``ValueError``, ``TypeError`` or
+``RuntimeError`` still catch them; their messages name the variable (or the session key) and the
+fix, never a secret value.
 """
 
 from __future__ import annotations
@@ -31,3 +32,13 @@ class SessionStoreUnavailable(RuntimeError):
 
 class SessionTooLarge(ValueError):
     """The encoded session exceeds what the backend may store; the stored copy is left intact."""
+
+
+class UnstorableValue(TypeError):
+    """A session value the format cannot round-trip exactly (a set, a custom object, a non-str
+    key); refused when the session is written, before the store is touched."""
+
+
+class SessionGone(LookupError):
+    """The stored session ended (a logout, a login elsewhere) while this request ran: its write
+    is dropped instead of bringing the session back."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, abort, request, session
 
 from .errors import SessionStoreUnavailable
 from .session_store import SessionStore, end_session, rotate_session_id
 
 bp = Blueprint("pyloto_corp", __name__)
+logger = logging.getLogger("pyloto_corp.session_store")
 
 
 @bp.get("/healthz")
@@ -18,13 +21,16 @@ def healthz() -> dict[str, str]:
 
 @bp.get("/readyz")
 def readyz() -> tuple[dict[str, str], int]:
-    """Readiness: the session store answers a ping; 503 with the reason when it does not."""
+    """Readiness: the session store answers a ping. The public body names only the backend;
+    the reason (host, error) goes to the log."""
     state = SessionStore.state()
+    backend = state.settings.session_store_backend
     try:
         state.interface.ping()
     except SessionStoreUnavailable as exc:
-        return {"status": "unavailable", "reason": str(exc)}, 503
-    return {"status": "ready", "session_store": state.settings.session_store_backend}, 200
+        logger.error("Readiness check failed: %s", exc)
+        return {"status": "unavailable", "session_store": backend}, 503
+    return {"status": "ready", "session_store": backend}, 200
 
 
 @bp.get("/session/counter")
@@ -41,8 +47,8 @@ def increment_counter() -> dict[str, int]:
 @bp.post("/session/login")
 def login() -> dict[str, str]:
     """A stand-in login: rotates the session id, then records the user."""
-    payload = request.get_json(silent=True) or {}
-    user = payload.get("user")
+    payload = request.get_json(silent=True)
+    user = payload.get("user") if isinstance(payload, dict) else None
     if not isinstance(user, str) or not 0 < len(user) <= 100:
         abort(400, description='Send JSON {"user": "<name>"} (1 to 100 characters).')
     rotate_session_id()

@@ -10,13 +10,17 @@ import redis
 from flask import Flask
 
 from pyloto_corp import create_app
-from pyloto_corp.config.settings import Settings, Var
+from pyloto_corp.config.settings import BACKENDS, Settings, Var, backend_options
 from tests.services import FirestoreEmulator, RedisServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
 SECRET = "s3cr3t-" + "k" * 40
 
-_CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()]
+_CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()] + [
+    variable for backend in BACKENDS for variable in backend_options(backend).VARIABLES
+]
+_CONFIG_VARS += ["PORT", "LOG_LEVEL", "GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT"]
+_CONFIG_VARS += ["GUNICORN_GRACEFUL_TIMEOUT"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +75,7 @@ def redis_env(redis_client: redis.Redis, redis_server: RedisServer) -> dict[str,
     return {
         Var.ENV: "production",
         Var.SESSION_STORE_BACKEND: "redis",
-        Var.REDIS_URL: redis_server.url,
+        "REDIS_URL": redis_server.url,
         Var.SECRET_KEY: SECRET,
     }
 
@@ -95,7 +99,7 @@ def firestore_env(
     return {
         Var.ENV: "production",
         Var.SESSION_STORE_BACKEND: "firestore",
-        Var.FIRESTORE_PROJECT: firestore_emulator.project,
+        "FIRESTORE_PROJECT": firestore_emulator.project,
         Var.SECRET_KEY: SECRET,
     }
 
@@ -105,6 +109,6 @@ def firestore_client(firestore_env: dict[str, str]) -> Iterator[Any]:
     """A client of the emulator, for reading what the backend stored."""
     from google.cloud import firestore
 
-    client = firestore.Client(project=firestore_env[Var.FIRESTORE_PROJECT])
+    client = firestore.Client(project=firestore_env["FIRESTORE_PROJECT"])
     yield client
     client.close()

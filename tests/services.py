@@ -155,9 +155,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Gunicorn:
     """``gunicorn -c gunicorn.conf.py wsgi:app`` on a free loopback port; output goes to a file
-    (a pipe would fill up under load and block the server)."""
+    (a pipe would fill up under load and block the server). ``app`` names another WSGI app
+    (``module:variable``) served with the same configuration, such as a test-only app."""
 
-    def __init__(self, workdir: Path, environ: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, environ: dict[str, str], *, app: str = "wsgi:app") -> None:
+        self.app = app
         self.port = free_port()
         self.log = workdir / f"gunicorn-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("ENV", "SESSION_STORE_BACKEND")}
@@ -167,7 +169,7 @@ class Gunicorn:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Gunicorn:
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT

@@ -41,6 +41,7 @@ def test_info_redacts_every_secret() -> None:
     result = _run(
         "info",
         "--json",
+        SESSION_STORE_BACKEND="redis",
         SECRET_KEY=SECRET,
         REDIS_URL="redis://:redis-pass-77@cache:6379/0",
         WHATSAPP_ACCESS_TOKEN="EAAG-tok-55",
@@ -49,7 +50,7 @@ def test_info_redacts_every_secret() -> None:
     values = json.loads(result.output)
     assert values["SECRET_KEY"] == "***"
     assert values["WHATSAPP_ACCESS_TOKEN"] == "***"
-    assert values["REDIS_URL"] == "redis://:***@cache:6379/0"
+    assert values["REDIS_URL"] == "redis://***@cache:6379/0"
     for secret in (SECRET, "redis-pass-77", "EAAG-tok-55"):
         assert secret not in result.output
 
@@ -66,7 +67,7 @@ def test_ping_fails_with_one_line_when_redis_is_down() -> None:
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1
-    assert "Redis session store at redis://:***@127.0.0.1" in lines[0]
+    assert "Redis session store at redis://***@127.0.0.1" in lines[0]
     assert "pw-secret-1" not in result.output
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pyloto_corp.config.server import LOG_LEVELS, ServerSettings
 from tests.conftest import SECRET
 from tests.services import Gunicorn, RedisServer, free_port
 
@@ -122,11 +123,12 @@ def test_production_logs_json_with_trace_and_answers_503_when_redis_stops(
     assert lines, output
     assert all({"severity", "message"} <= set(line) for line in lines)
     errors = [line for line in lines if line["severity"] == "ERROR"]
-    assert len(errors) == 1, errors
+    # One line for the failed request, one for the failed readiness check.
+    assert [e["message"].startswith("Readiness check failed") for e in errors] == [False, True]
     assert errors[0]["logging.googleapis.com/trace"] == (
         "projects/demo-proj/traces/0af7651916cd43dd8448eb211c80319c"
     )
-    assert "redis://:***@127.0.0.1" in errors[0]["message"]
+    assert "redis://***@127.0.0.1" in errors[0]["message"]
     for secret in (SECRET, "gunicorn-redis-pass", cookie.split("=", 1)[1]):
         assert secret not in output
 
@@ -162,3 +164,143 @@ def test_config_values_for_cloud_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config["graceful_timeout"] < 10
     assert config["worker_class"] == "gthread"
     assert (config["accesslog"], config["errorlog"]) == ("-", "-")
+    # gunicorn trusts no peer's X-Forwarded-*: ProxyFix (TRUSTED_PROXY_HOPS) alone decides.
+    assert config["forwarded_allow_ips"] == ""
+
+
+# -- the variables gunicorn.conf.py reads ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GUNICORN_WORKERS", "abc"),
+        ("GUNICORN_THREADS", ""),
+        ("PORT", "70000"),
+        ("PORT", "0"),
+        ("GUNICORN_TIMEOUT", "-1"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_server_variable_exits_1_naming_it(name: str, value: str) -> None:
+    environ = {"PORT": str(free_port()), "ENV": "development", name: value}
+    result = subprocess.run(
+        GUNICORN,
+        cwd=ROOT,
+        env=_env(**environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Error: invalid gunicorn configuration:" in result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1, result.stderr
+    assert problems[0].startswith(f"  - {name} must be "), result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert "Listening at" not in output
+    if len(value) > 1:
+        assert value not in output  # the message names the variable, never the value given
+
+
+def test_lower_case_log_level_starts(serve: Callable[..., Gunicorn]) -> None:
+    served = serve(ENV="development", LOG_LEVEL=" debug ")
+    assert served.request("GET", "/healthz")[0] == 200
+    output = served.stop()
+    assert " DEBUG gunicorn.error: " in output  # gunicorn's debug lines, so the level applied
+    assert "Traceback" not in output
+
+
+def test_server_settings_defaults() -> None:
+    assert ServerSettings.from_env({}) == (
+        ServerSettings(
+            port=8080, workers=2, threads=4, timeout=310, graceful_timeout=8, log_level="INFO"
+        ),
+        [],
+    )
+
+
+def test_server_settings_read_os_environ_when_given_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUNICORN_WORKERS", "3")
+    assert ServerSettings.from_env()[0].workers == 3
+
+
+BOUNDS = [
+    ("PORT", "port", 1, 65535),
+    ("GUNICORN_WORKERS", "workers", 1, 64),
+    ("GUNICORN_THREADS", "threads", 1, 256),
+    ("GUNICORN_TIMEOUT", "timeout", 1, 3600),
+    ("GUNICORN_GRACEFUL_TIMEOUT", "graceful_timeout", 0, 3600),
+]
+
+
+@pytest.mark.parametrize(("name", "field", "low", "high"), BOUNDS)
+def test_server_settings_whole_number_bounds(name: str, field: str, low: int, high: int) -> None:
+    for good in (low, high, f" {low} ", f"+{high}"):
+        settings, problems = ServerSettings.from_env({name: str(good)})
+        assert (getattr(settings, field), problems) == (int(good), [])
+    expected = f"{name} must be a whole number from {low} to {high}"
+    default = getattr(ServerSettings(), field)
+    for bad in (low - 1, high + 1, "9" * 5000):
+        settings, problems = ServerSettings.from_env({name: str(bad)})
+        assert problems == [f"{expected} (got a number out of range)."]
+        assert getattr(settings, field) == default
+    for bad in ("abc", "1.5", "1_0", "\u0661", "0x10", "1e3", "- 1"):
+        assert ServerSettings.from_env({name: bad})[1] == [f"{expected} (got a non-number)."]
+    for empty in ("", "  "):
+        assert ServerSettings.from_env({name: empty})[1] == [f"{expected} (got an empty value)."]
+
+
+@pytest.mark.parametrize("level", LOG_LEVELS)
+def test_server_settings_log_level_any_case_trimmed(level: str) -> None:
+    for given in (level, level.lower(), f"  {level.capitalize()}\t"):
+        assert ServerSettings.from_env({"LOG_LEVEL": given}) == (
+            ServerSettings(log_level=level),
+            [],
+        )
+
+
+@pytest.mark.parametrize(("value", "got"), [("loud", "an unknown level"), ("", "an empty value")])
+def test_server_settings_bad_log_level(value: str, got: str) -> None:
+    settings, problems = ServerSettings.from_env({"LOG_LEVEL": value})
+    assert settings.log_level == "INFO"
+    assert problems == [
+        f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (any case; got {got})."
+    ]
+
+
+def test_server_settings_report_every_problem_without_values() -> None:
+    environ = {
+        "PORT": "70000",
+        "GUNICORN_WORKERS": "many-workers",
+        "GUNICORN_THREADS": "",
+        "GUNICORN_TIMEOUT": "-1",
+        "GUNICORN_GRACEFUL_TIMEOUT": "3601",
+        "LOG_LEVEL": "very-loud",
+    }
+    settings, problems = ServerSettings.from_env(environ)
+    assert settings == ServerSettings()
+    assert [problem.split(" ", 1)[0] for problem in problems] == list(environ)
+    assert all(problem.count("\n") == 0 for problem in problems)
+    for value in ("70000", "many-workers", "3601", "very-loud"):
+        assert value not in "".join(problems)
+
+
+def test_bad_server_variables_stop_the_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All problems at once, as the one message SystemExit prints (gunicorn does not catch it)."""
+    import runpy
+
+    for name in ("PORT", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "GUNICORN_GRACEFUL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GUNICORN_WORKERS", "abc")
+    monkeypatch.setenv("LOG_LEVEL", "")
+    with pytest.raises(SystemExit) as raised:
+        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert str(raised.value) == (
+        "Error: invalid gunicorn configuration:\n"
+        "  - GUNICORN_WORKERS must be a whole number from 1 to 64 (got a non-number).\n"
+        "  - LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL "
+        "(any case; got an empty value)."
+    )

@@ -7,12 +7,13 @@ from datetime import timedelta
 import pytest
 
 from pyloto_corp.config.settings import Settings, Var, redact_url
+from pyloto_corp.session_store import firestore, redis
 from tests.conftest import SECRET
 
 VALID_CONTEXT = {
     Var.SECRET_KEY: SECRET,
-    Var.REDIS_URL: "redis://:hunter2-password@10.0.0.3:6379/0",
-    Var.FIRESTORE_PROJECT: "demo-project",
+    "REDIS_URL": "redis://:hunter2-password@10.0.0.3:6379/0",
+    "FIRESTORE_PROJECT": "demo-project",
 }
 
 ENVIRONMENTS = {
@@ -68,7 +69,6 @@ def test_environment_is_parsed_into_typed_fields() -> None:
         {
             Var.ENV: "staging",
             Var.SESSION_LIFETIME: "2h",
-            Var.REDIS_SOCKET_TIMEOUT: "0.5",
             Var.SESSION_COOKIE_HTTPONLY: "true",
             Var.SESSION_COOKIE_SAMESITE: "strict",
             Var.GOOGLE_CLOUD_PROJECT: "from-google-var",
@@ -77,15 +77,39 @@ def test_environment_is_parsed_into_typed_fields() -> None:
     )
     assert settings.is_staging
     assert settings.session_lifetime == timedelta(hours=2)
-    assert settings.redis_socket_timeout == 0.5
     assert settings.session_cookie_samesite == "Strict"
-    assert settings.firestore_project == "from-google-var"
+    assert settings.google_cloud_project == "from-google-var"
+    assert settings.trace_project == "from-google-var"
     assert settings.on_cloud_run
 
 
+def test_backend_options_are_parsed_by_the_backend() -> None:
+    settings = Settings.from_env(
+        {
+            Var.SESSION_STORE_BACKEND: "redis",
+            "REDIS_URL": "redis://r",
+            "REDIS_SOCKET_TIMEOUT": "0.5",
+        }
+    )
+    assert settings.store == redis.Options(url="redis://r", socket_timeout=0.5)
+    firestore_settings = Settings.from_env(
+        {Var.SESSION_STORE_BACKEND: "firestore", Var.GOOGLE_CLOUD_PROJECT: "from-google-var"}
+    )
+    assert isinstance(firestore_settings.store, firestore.Options)
+    assert firestore_settings.store.project == "from-google-var"
+
+
 def test_firestore_project_prefers_its_own_variable() -> None:
-    settings = Settings.from_env({Var.FIRESTORE_PROJECT: "a", Var.GOOGLE_CLOUD_PROJECT: "b"})
-    assert settings.firestore_project == "a"
+    settings = Settings.from_env(
+        {
+            Var.SESSION_STORE_BACKEND: "firestore",
+            "FIRESTORE_PROJECT": "a",
+            Var.GOOGLE_CLOUD_PROJECT: "b",
+        }
+    )
+    assert isinstance(settings.store, firestore.Options)
+    assert settings.store.project == "a"
+    assert settings.trace_project == "a"
 
 
 @pytest.mark.parametrize("spelling", ENVIRONMENTS)
@@ -134,7 +158,7 @@ def test_missing_env_on_cloud_run_refuses_memory() -> None:
 
 def test_cloud_run_requires_a_secret_key_whatever_the_label() -> None:
     settings = Settings.from_env(
-        {Var.K_SERVICE: "api", Var.SESSION_STORE_BACKEND: "redis", Var.REDIS_URL: "redis://r:6379"}
+        {Var.K_SERVICE: "api", Var.SESSION_STORE_BACKEND: "redis", "REDIS_URL": "redis://r:6379"}
     )
     assert [p for p in settings.validate() if p.startswith("SECRET_KEY")]
 
@@ -151,25 +175,31 @@ def test_all_problems_are_reported_at_once() -> None:
             Var.SESSION_STORE_BACKEND: "memory",
             Var.SESSION_COOKIE_SECURE: "false",
             Var.SESSION_COOKIE_SAMESITE: "none",
-            Var.REDIS_SOCKET_TIMEOUT: "fast",
+            Var.SESSION_MAX_BYTES: "fast",
             Var.SESSION_LIFETIME: "forever",
         }
     )
     problems = settings.validate()
     starts = sorted(p.split("=")[0].split(":")[0].split(" ")[0] for p in problems)
     assert starts == [
-        "REDIS_SOCKET_TIMEOUT",
         "SECRET_KEY",
         "SESSION_COOKIE_SAMESITE",
         "SESSION_COOKIE_SECURE",
         "SESSION_LIFETIME",
+        "SESSION_MAX_BYTES",
         "SESSION_STORE_BACKEND",
     ]
 
 
 def test_unparseable_values_keep_defaults_and_become_problems() -> None:
-    settings = Settings.from_env({Var.REDIS_SOCKET_TIMEOUT: "abc"})
-    assert settings.redis_socket_timeout == Settings().redis_socket_timeout
+    settings = Settings.from_env(
+        {
+            Var.SESSION_STORE_BACKEND: "redis",
+            "REDIS_URL": "redis://r",
+            "REDIS_SOCKET_TIMEOUT": "abc",
+        }
+    )
+    assert settings.store == redis.Options(url="redis://r")
     assert settings.validate() == ["REDIS_SOCKET_TIMEOUT: Not a valid number."]
 
 
@@ -177,17 +207,17 @@ def test_unparseable_values_keep_defaults_and_become_problems() -> None:
     ("environ", "fragment"),
     [
         ({}, "REDIS_URL is required when SESSION_STORE_BACKEND=redis"),
-        ({Var.REDIS_URL: "http://cache:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({Var.REDIS_URL: "localhost:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({Var.REDIS_URL: "redis://"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({Var.REDIS_URL: "redis://h:99999"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({Var.REDIS_URL: "redis://h:6379/zero"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({Var.REDIS_URL: "redis://h x:1"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "redis://"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "redis://h:99999"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "redis://h:6379/zero"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "redis://h x:1"}, "REDIS_URL is not a valid redis:// or rediss://"),
         (
-            {Var.REDIS_URL: "redis://r", Var.REDIS_CONNECT_TIMEOUT: "0"},
+            {"REDIS_URL": "redis://r", "REDIS_CONNECT_TIMEOUT": "0"},
             "REDIS_CONNECT_TIMEOUT must",
         ),
-        ({Var.REDIS_URL: "redis://r", Var.REDIS_SOCKET_TIMEOUT: "-1"}, "REDIS_SOCKET_TIMEOUT must"),
+        ({"REDIS_URL": "redis://r", "REDIS_SOCKET_TIMEOUT": "-1"}, "REDIS_SOCKET_TIMEOUT must"),
     ],
 )
 def test_redis_connection_settings(environ: dict[str, str], fragment: str) -> None:
@@ -201,7 +231,7 @@ def test_redis_connection_settings(environ: dict[str, str], fragment: str) -> No
     "url", ["redis://localhost:6379/0", "rediss://:pw@10.1.2.3:6378", "redis://user:pw@cache/2"]
 )
 def test_redis_urls_accepted(url: str) -> None:
-    settings = Settings(session_store_backend="redis", redis_url=url)
+    settings = Settings(session_store_backend="redis", store=redis.Options(url=url))
     assert settings.validate() == []
 
 
@@ -209,10 +239,10 @@ def test_redis_urls_accepted(url: str) -> None:
     ("environ", "fragment"),
     [
         ({Var.ENV: "production"}, "FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT) is required"),
-        ({Var.FIRESTORE_COLLECTION: "a/b"}, "not a valid Firestore collection id"),
-        ({Var.FIRESTORE_COLLECTION: "__sessions__"}, "not a valid Firestore collection id"),
-        ({Var.FIRESTORE_COLLECTION: ".."}, "not a valid Firestore collection id"),
-        ({Var.FIRESTORE_COLLECTION: "x" * 1501}, "not a valid Firestore collection id"),
+        ({"FIRESTORE_COLLECTION": "a/b"}, "not a valid Firestore collection id"),
+        ({"FIRESTORE_COLLECTION": "__sessions__"}, "not a valid Firestore collection id"),
+        ({"FIRESTORE_COLLECTION": ".."}, "not a valid Firestore collection id"),
+        ({"FIRESTORE_COLLECTION": "x" * 1501}, "not a valid Firestore collection id"),
     ],
 )
 def test_firestore_settings(environ: dict[str, str], fragment: str) -> None:
@@ -226,13 +256,14 @@ def test_firestore_settings(environ: dict[str, str], fragment: str) -> None:
 
 def test_firestore_defaults() -> None:
     settings = Settings.from_env({Var.SESSION_STORE_BACKEND: "firestore"})
-    assert (settings.firestore_database, settings.firestore_collection) == ("(default)", "sessions")
+    assert settings.store == firestore.Options()
+    assert (settings.store.database, settings.store.collection) == ("(default)", "sessions")
     assert settings.validate() == []
 
 
 @pytest.mark.parametrize("environment", ["staging", "production"])
 def test_secret_key_rules_in_deployed_environments(environment: str) -> None:
-    base = {Var.ENV: environment, Var.SESSION_STORE_BACKEND: "redis", Var.REDIS_URL: "redis://r"}
+    base = {Var.ENV: environment, Var.SESSION_STORE_BACKEND: "redis", "REDIS_URL": "redis://r"}
     missing = Settings.from_env(base).validate()
     assert missing == [missing[0]]
     assert missing[0].startswith(f"SECRET_KEY is required in {environment}")
@@ -262,7 +293,7 @@ def test_production_refuses_relaxed_cookies(variable: str, value: str) -> None:
     environ = {
         Var.ENV: "prod",
         Var.SESSION_STORE_BACKEND: "redis",
-        Var.REDIS_URL: "redis://r",
+        "REDIS_URL": "redis://r",
         Var.SECRET_KEY: SECRET,
         variable: value,
     }
@@ -297,17 +328,20 @@ def test_repr_and_redacted_view_hide_secrets() -> None:
     text = repr(settings) + str(settings) + repr(settings.redacted())
     for secret in (SECRET, "hunter2-password", "EAAG-token-value-123"):
         assert secret not in text
-    assert "redis://:***@10.0.0.3:6379/0" in text
+    assert "redis://***@10.0.0.3:6379/0" in text
     assert settings.redacted()[Var.SECRET_KEY] == "***"
 
 
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
-        ("rediss://default:pw@h", "rediss://default:***@h"),
+        ("redis://:pw@h:6379/0", "redis://***@h:6379/0"),
+        ("rediss://default:pw@h", "rediss://***@h"),
         ("redis://h:6379", "redis://h:6379"),
-        ("redis://:pw@h:notaport", "***"),
+        ("redis://:pw@h:notaport", "redis://***@h:notaport"),
+        ("redis://:pa/ss#wo?rd@h:6379/0", "redis://***@h:6379/0"),
+        ("redis://:p@ss@h", "redis://***@h"),
+        ("not a url :pw@h", "***"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

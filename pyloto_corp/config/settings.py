@@ -3,46 +3,46 @@
 ``Settings.from_env()`` only converts types (a value that does not parse becomes a problem, not an
 exception), and ``Settings.validate()`` applies every rule to the object and returns the list of
 problems. Nothing here does IO, so the same rules run at app init, in ``check`` and in tests.
+
+The core settings (environment, secret, cookies, lifetimes) live here; each backend's own
+variables, parsing and rules live in its module (``Options`` in ``session_store/<backend>.py``),
+found through :func:`backend_options`, so a new backend adds nothing to this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Final
 
 from environs import Env, EnvValidationError
 
+if TYPE_CHECKING:
+    from ..session_store.base import StoreOptions
+
 
 class Var:
-    """Every environment variable the service reads, named in one place."""
+    """Every core environment variable the service reads, named in one place (each backend's
+    own variables are listed by its ``Options.VARIABLES``)."""
 
     ENV: Final = "ENV"
     K_SERVICE: Final = "K_SERVICE"
+    GOOGLE_CLOUD_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
     SECRET_KEY: Final = "SECRET_KEY"  # noqa: S105 - a variable name, not a secret
     SESSION_STORE_BACKEND: Final = "SESSION_STORE_BACKEND"
     SESSION_LIFETIME: Final = "SESSION_LIFETIME"
     SESSION_ABSOLUTE_LIFETIME: Final = "SESSION_ABSOLUTE_LIFETIME"
+    SESSION_PERMANENT: Final = "SESSION_PERMANENT"
+    SESSION_ID_LENGTH: Final = "SESSION_ID_LENGTH"
     SESSION_MAX_BYTES: Final = "SESSION_MAX_BYTES"
     SESSION_KEY_PREFIX: Final = "SESSION_KEY_PREFIX"
     SESSION_COOKIE_NAME: Final = "SESSION_COOKIE_NAME"
     SESSION_COOKIE_SECURE: Final = "SESSION_COOKIE_SECURE"
     SESSION_COOKIE_HTTPONLY: Final = "SESSION_COOKIE_HTTPONLY"
     SESSION_COOKIE_SAMESITE: Final = "SESSION_COOKIE_SAMESITE"
-    REDIS_URL: Final = "REDIS_URL"
-    REDIS_SOCKET_TIMEOUT: Final = "REDIS_SOCKET_TIMEOUT"
-    REDIS_CONNECT_TIMEOUT: Final = "REDIS_CONNECT_TIMEOUT"
-    REDIS_SSL_CA_CERTS: Final = "REDIS_SSL_CA_CERTS"
-    REDIS_SSL_CHECK_HOSTNAME: Final = "REDIS_SSL_CHECK_HOSTNAME"
-    FIRESTORE_PROJECT: Final = "FIRESTORE_PROJECT"
-    GOOGLE_CLOUD_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
-    FIRESTORE_DATABASE: Final = "FIRESTORE_DATABASE"
-    FIRESTORE_COLLECTION: Final = "FIRESTORE_COLLECTION"
-    FIRESTORE_TIMEOUT: Final = "FIRESTORE_TIMEOUT"
-    FIRESTORE_REFRESH_INTERVAL: Final = "FIRESTORE_REFRESH_INTERVAL"
     TRUSTED_PROXY_HOPS: Final = "TRUSTED_PROXY_HOPS"
     WHATSAPP_ACCESS_TOKEN: Final = "WHATSAPP_ACCESS_TOKEN"  # noqa: S105 - a variable name
 
@@ -66,11 +66,16 @@ DEPLOYED_ENVIRONMENTS: Final = frozenset({STAGING, PRODUCTION})
 MEMORY: Final = "memory"
 REDIS: Final = "redis"
 FIRESTORE: Final = "firestore"
+#: The backend registry: a name is a module ``pyloto_corp.session_store.<name>``.
 BACKENDS: Final = (MEMORY, REDIS, FIRESTORE)
 
 SAMESITE_VALUES: Final = ("Lax", "Strict", "None")
 MIN_SECRET_KEY_LENGTH: Final = 32
+#: Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer lifetimes mean nothing.
+MAX_LIFETIME: Final = timedelta(days=400)
 REDACTED: Final = "***"
+#: RFC 6265 cookie-name token: visible ASCII except separators.
+_COOKIE_NAME_SEPARATORS: Final = frozenset('()<>@,;:\\"/[]?={} \t')
 
 
 def _normalise(value: str) -> str:
@@ -92,19 +97,35 @@ def normalise_samesite(value: str | None) -> str | None:
 
 
 def redact_url(url: str | None) -> str | None:
-    """The URL with its password replaced by ``***`` (and anything unparseable hidden whole)."""
+    """The URL with everything between ``://`` and the last ``@`` replaced by ``***``.
+
+    Deliberately not a URL parser: a password holding ``/``, ``#``, ``?`` or ``@`` confuses
+    ``urlsplit`` (the password lands in the path or the fragment), and a redaction that depends
+    on parsing leaks exactly then. Without ``://`` any ``@`` hides the whole value.
+    """
     if not url:
         return url
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        userinfo = f"{parts.username}:{REDACTED}" if parts.username else f":{REDACTED}"
-        host = parts.hostname or ""
-        netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return REDACTED
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return REDACTED if "@" in url else url
+    _userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}://{REDACTED}@{host}"
+
+
+def is_cookie_name(name: str) -> bool:
+    """An RFC 6265 token: browsers drop a cookie whose name is not one, so sessions never stick."""
+    return bool(name) and all(
+        "!" <= char <= "~" and char not in _COOKIE_NAME_SEPARATORS for char in name
+    )
+
+
+def backend_options(backend: str) -> type[StoreOptions]:
+    """The ``Options`` class of a registered backend (importing its module, and only that one)."""
+    module = importlib.import_module(f"pyloto_corp.session_store.{backend}")
+    options: type[StoreOptions] = module.Options
+    return options
 
 
 class _MappingEnv(Env):
@@ -123,17 +144,25 @@ class Settings:
     """Everything the app needs from its environment; the single source of truth after parsing.
 
     Construct it with keywords in tests (every field has a default) or with :meth:`from_env`.
+    ``store`` holds the chosen backend's own options (``RedisOptions(url=...)``); left out, the
+    backend's defaults are used.
     """
 
     environment: str = DEVELOPMENT
     #: Cloud Run's service name (``K_SERVICE``); set means "stateless instance, whatever ENV says".
     cloud_run_service: str | None = None
+    #: ``GOOGLE_CLOUD_PROJECT``: the project logs are traced to (and Firestore's default).
+    google_cloud_project: str | None = None
     session_store_backend: str = MEMORY
-    secret_key: str | None = None
+    secret_key: str | bytes | None = None
     #: Idle timeout: a session not used for this long expires (sliding on every use).
     session_lifetime: timedelta = timedelta(hours=12)
     #: Absolute timeout: a session ends this long after it began, however active.
     session_absolute_lifetime: timedelta = timedelta(days=7)
+    #: False: the cookie lasts until the browser closes (Flask-Session's SESSION_PERMANENT).
+    session_permanent: bool = True
+    #: Bytes of randomness in a session id (``secrets.token_urlsafe``).
+    session_id_length: int = 32
     #: Largest encoded session a backend accepts (Firestore is also capped by its 1 MiB limit).
     session_max_bytes: int = 512 * 1024
     session_key_prefix: str = "session:"
@@ -142,22 +171,12 @@ class Settings:
     session_cookie_secure: bool | None = None
     session_cookie_httponly: bool = True
     session_cookie_samesite: str | None = "Lax"
-    redis_url: str | None = None
-    redis_socket_timeout: float = 2.0
-    redis_connect_timeout: float = 2.0
-    redis_ssl_ca_certs: str | None = None
-    redis_ssl_check_hostname: bool = True
-    firestore_project: str | None = None
-    firestore_database: str = "(default)"
-    firestore_collection: str = "sessions"
-    firestore_timeout: float = 5.0
-    #: How stale the stored expiry may get before a read-only request rewrites it (None: a tenth
-    #: of the lifetime). Keeps Firestore at about one write per session per interval.
-    firestore_refresh_interval: timedelta | None = None
-    #: Proxies in front of the app whose X-Forwarded-* headers are trusted (None: 1 on Cloud
-    #: Run, whose front end terminates TLS; 0 elsewhere, where such headers may be forged).
+    #: Proxies in front of the app whose X-Forwarded-For/-Proto headers are trusted (None: 1 on
+    #: Cloud Run, whose front end terminates TLS; 0 elsewhere, where such headers may be forged).
     trusted_proxy_hops: int | None = None
     whatsapp_access_token: str | None = None
+    #: The chosen backend's options (None only for an unknown backend name).
+    store: StoreOptions | None = None
     #: Values that did not parse (``("REDIS_SOCKET_TIMEOUT: Not a valid number.",)``).
     parse_problems: tuple[str, ...] = ()
 
@@ -167,6 +186,8 @@ class Settings:
         set_(self, "environment", normalise_environment(self.environment))
         set_(self, "session_store_backend", _normalise(self.session_store_backend))
         set_(self, "session_cookie_samesite", normalise_samesite(self.session_cookie_samesite))
+        if self.store is None and self.session_store_backend in BACKENDS:
+            set_(self, "store", backend_options(self.session_store_backend)())
 
     # -- parsing ---------------------------------------------------------------------------------
 
@@ -174,33 +195,28 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse ``environ`` (``os.environ`` when None); never raises for a bad value."""
         env = _MappingEnv(os.environ if environ is None else environ)
-        project = env.str(Var.FIRESTORE_PROJECT, None) or env.str(Var.GOOGLE_CLOUD_PROJECT, None)
+        backend = _normalise(env.str(Var.SESSION_STORE_BACKEND, MEMORY) or "")
         values: dict[str, Any] = {
             "environment": env.str(Var.ENV, DEVELOPMENT),
             "cloud_run_service": env.str(Var.K_SERVICE, None) or None,
-            "session_store_backend": env.str(Var.SESSION_STORE_BACKEND, MEMORY),
+            "google_cloud_project": env.str(Var.GOOGLE_CLOUD_PROJECT, None) or None,
+            "session_store_backend": backend,
             "secret_key": env.str(Var.SECRET_KEY, None),
             "session_lifetime": env.timedelta(Var.SESSION_LIFETIME, None),
             "session_absolute_lifetime": env.timedelta(Var.SESSION_ABSOLUTE_LIFETIME, None),
+            "session_permanent": env.bool(Var.SESSION_PERMANENT, None),
+            "session_id_length": env.int(Var.SESSION_ID_LENGTH, None),
             "session_max_bytes": env.int(Var.SESSION_MAX_BYTES, None),
             "session_key_prefix": env.str(Var.SESSION_KEY_PREFIX, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
             "session_cookie_httponly": env.bool(Var.SESSION_COOKIE_HTTPONLY, None),
             "session_cookie_samesite": env.str(Var.SESSION_COOKIE_SAMESITE, None),
-            "redis_url": env.str(Var.REDIS_URL, None) or None,
-            "redis_socket_timeout": env.float(Var.REDIS_SOCKET_TIMEOUT, None),
-            "redis_connect_timeout": env.float(Var.REDIS_CONNECT_TIMEOUT, None),
-            "redis_ssl_ca_certs": env.str(Var.REDIS_SSL_CA_CERTS, None) or None,
-            "redis_ssl_check_hostname": env.bool(Var.REDIS_SSL_CHECK_HOSTNAME, None),
-            "firestore_project": project or None,
-            "firestore_database": env.str(Var.FIRESTORE_DATABASE, None),
-            "firestore_collection": env.str(Var.FIRESTORE_COLLECTION, None),
-            "firestore_timeout": env.float(Var.FIRESTORE_TIMEOUT, None),
-            "firestore_refresh_interval": env.timedelta(Var.FIRESTORE_REFRESH_INTERVAL, None),
             "trusted_proxy_hops": env.int(Var.TRUSTED_PROXY_HOPS, None),
             "whatsapp_access_token": env.str(Var.WHATSAPP_ACCESS_TOKEN, None),
         }
+        if backend in BACKENDS:
+            values["store"] = backend_options(backend).from_env(env)
         problems: tuple[str, ...] = ()
         try:
             env.seal()
@@ -243,20 +259,20 @@ class Settings:
         return self.trusted_proxy_hops
 
     @property
-    def refresh_interval(self) -> timedelta:
-        """The effective Firestore expiry refresh interval."""
-        if self.firestore_refresh_interval is None:
-            return self.session_lifetime / 10
-        return self.firestore_refresh_interval
-
-    @property
     def cookie_secure(self) -> bool:
         """The effective ``Secure`` flag (an unset value is safe in staging and production)."""
         if self.session_cookie_secure is None:
             return self.environment in DEPLOYED_ENVIRONMENTS
         return self.session_cookie_secure
 
-    def _where(self) -> str:
+    @property
+    def trace_project(self) -> str | None:
+        """The project Cloud Logging traces belong to."""
+        project = getattr(self.store, "project", None)
+        return project if isinstance(project, str) else self.google_cloud_project
+
+    def where(self) -> str:
+        """``in production`` or ``on Cloud Run (K_SERVICE is set)``, for refusal messages."""
         if self.environment in DEPLOYED_ENVIRONMENTS:
             return f"in {self.environment}"
         return f"on Cloud Run ({Var.K_SERVICE} is set)"
@@ -272,85 +288,41 @@ class Settings:
                 f"{Var.SESSION_STORE_BACKEND}={backend!r} is not a session store backend; "
                 f"use one of: {', '.join(BACKENDS)}."
             )
-        elif backend == MEMORY and self.is_deployed:
+        elif self.store is None or self.store.backend != backend:
             problems.append(
-                f"{Var.SESSION_STORE_BACKEND}=memory is refused {self._where()}: sessions kept in "
-                "process memory are lost or split between Cloud Run instances; "
-                f"set {Var.SESSION_STORE_BACKEND}=redis or firestore."
+                f"{Var.SESSION_STORE_BACKEND}={backend} does not match the store options given "
+                f"({type(self.store).__name__}); pass the options of the {backend} backend."
             )
-        elif backend == REDIS:
-            problems += self._redis_problems()
-        elif backend == FIRESTORE:
-            problems += self._firestore_problems()
+        else:
+            problems += self.store.problems(self)
         if not self.session_key_prefix or len(self.session_key_prefix) > 100:
             problems.append(f"{Var.SESSION_KEY_PREFIX} must be 1 to 100 characters.")
-        if self.session_lifetime <= timedelta(0):
+        problems += self._lifetime_problems()
+        if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
+            problems.append(f"{Var.SESSION_MAX_BYTES} must be between 1024 and 67108864 bytes.")
+        if not 16 <= self.session_id_length <= 128:
             problems.append(
-                f"{Var.SESSION_LIFETIME} must be a positive duration (for example 12h or 3600)."
+                f"{Var.SESSION_ID_LENGTH} must be 16 to 128 bytes of randomness (default 32)."
             )
-        elif self.session_absolute_lifetime < self.session_lifetime:
+        return problems
+
+    def _lifetime_problems(self) -> list[str]:
+        lifetime, absolute = self.session_lifetime, self.session_absolute_lifetime
+        problems: list[str] = []
+        if not timedelta(0) < lifetime <= MAX_LIFETIME:
+            problems.append(
+                f"{Var.SESSION_LIFETIME} must be a positive duration of at most 400 days "
+                "(for example 12h or 3600)."
+            )
+        if not timedelta(0) < absolute <= MAX_LIFETIME:
+            problems.append(
+                f"{Var.SESSION_ABSOLUTE_LIFETIME} must be a positive duration of at most 400 "
+                "days, the longest a browser keeps a cookie (for example 7d)."
+            )
+        elif absolute < lifetime:
             problems.append(
                 f"{Var.SESSION_ABSOLUTE_LIFETIME} must be at least {Var.SESSION_LIFETIME} "
                 "(the absolute timeout cannot end a session before its idle timeout)."
-            )
-        if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
-            problems.append(f"{Var.SESSION_MAX_BYTES} must be between 1024 and 67108864 bytes.")
-        return problems
-
-    def _redis_problems(self) -> list[str]:
-        problems: list[str] = []
-        if not self.redis_url:
-            problems.append(
-                f"{Var.REDIS_URL} is required when {Var.SESSION_STORE_BACKEND}=redis; "
-                "set it to redis://[:password@]host:port/db (or rediss:// for TLS)."
-            )
-        else:
-            if not is_valid_redis_url(self.redis_url):
-                problems.append(
-                    f"{Var.REDIS_URL} is not a valid redis:// or rediss:// URL; "
-                    "expected redis://[:password@]host:port/db."
-                )
-        for var, value in (
-            (Var.REDIS_SOCKET_TIMEOUT, self.redis_socket_timeout),
-            (Var.REDIS_CONNECT_TIMEOUT, self.redis_connect_timeout),
-        ):
-            if not 0 < value <= 60:
-                problems.append(f"{var} must be a number of seconds above 0 and at most 60.")
-        return problems
-
-    def _firestore_problems(self) -> list[str]:
-        problems: list[str] = []
-        if not self.firestore_project and self.environment in DEPLOYED_ENVIRONMENTS:
-            problems.append(
-                f"{Var.FIRESTORE_PROJECT} (or {Var.GOOGLE_CLOUD_PROJECT}) is required "
-                f"{self._where()} when {Var.SESSION_STORE_BACKEND}=firestore; "
-                "set it to the Google Cloud project id that holds the database."
-            )
-        if not is_valid_collection_id(self.firestore_collection):
-            problems.append(
-                f"{Var.FIRESTORE_COLLECTION}={self.firestore_collection!r} is not a valid "
-                "Firestore collection id: 1 to 1,500 bytes, no '/', not '.' or '..', "
-                "and not of the form __name__."
-            )
-        if not self.firestore_database:
-            problems.append(
-                f"{Var.FIRESTORE_DATABASE} must not be empty; "
-                "use (default) for the default database."
-            )
-        if "/" in self.session_key_prefix:
-            problems.append(
-                f"{Var.SESSION_KEY_PREFIX} must not contain '/' with the firestore backend "
-                "(it starts every document id)."
-            )
-        lifetime = self.session_lifetime
-        if lifetime > timedelta(0) and not timedelta(0) <= self.refresh_interval < lifetime:
-            problems.append(
-                f"{Var.FIRESTORE_REFRESH_INTERVAL} must be at least 0 and shorter than "
-                f"{Var.SESSION_LIFETIME}."
-            )
-        if not 0 < self.firestore_timeout <= 60:
-            problems.append(
-                f"{Var.FIRESTORE_TIMEOUT} must be a number of seconds above 0 and at most 60."
             )
         return problems
 
@@ -374,18 +346,24 @@ class Settings:
             return []
         if not self.secret_key:
             return [
-                f"{Var.SECRET_KEY} is required {self._where()}; generate one with "
+                f"{Var.SECRET_KEY} is required {self.where()}; generate one with "
                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'."
             ]
         if len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
             return [
-                f"{Var.SECRET_KEY} is too short {self._where()}: it needs at least "
+                f"{Var.SECRET_KEY} is too short {self.where()}: it needs at least "
                 f"{MIN_SECRET_KEY_LENGTH} characters."
             ]
         return []
 
     def _cookie_problems(self) -> list[str]:
         problems: list[str] = []
+        if not is_cookie_name(self.session_cookie_name):
+            problems.append(
+                f"{Var.SESSION_COOKIE_NAME} must be a cookie name: printable ASCII letters, "
+                "digits and !#$%&'*+-.^_`|~ only (no spaces, ';', ',', '=' or quotes); browsers "
+                "drop any other cookie."
+            )
         samesite = self.session_cookie_samesite
         if samesite is not None and samesite not in SAMESITE_VALUES:
             problems.append(
@@ -393,16 +371,16 @@ class Settings:
             )
         if self.environment not in DEPLOYED_ENVIRONMENTS:
             return problems
-        where = self._where()
+        where = self.where()
         if self.session_cookie_secure is False:
             problems.append(
                 f"{Var.SESSION_COOKIE_SECURE}=false is refused {where}: the session cookie must "
-                "only travel over HTTPS; remove the variable."
+                "only travel over HTTPS; remove the setting."
             )
         if not self.session_cookie_httponly:
             problems.append(
                 f"{Var.SESSION_COOKIE_HTTPONLY}=false is refused {where}: scripts must not read "
-                "the session cookie; remove the variable."
+                "the session cookie; remove the setting."
             )
         if samesite not in ("Lax", "Strict"):
             problems.append(f"{Var.SESSION_COOKIE_SAMESITE} must be Lax or Strict {where}.")
@@ -413,65 +391,32 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """The effective settings keyed by variable name, every secret replaced by ``***``."""
 
-        def secret(value: str | None) -> str | None:
+        def secret(value: str | bytes | None) -> str | None:
             return REDACTED if value else None
 
-        return {
+        values: dict[str, Any] = {
             Var.ENV: self.environment,
             Var.K_SERVICE: self.cloud_run_service,
+            Var.GOOGLE_CLOUD_PROJECT: self.google_cloud_project,
             Var.SESSION_STORE_BACKEND: self.session_store_backend,
             Var.SECRET_KEY: secret(self.secret_key),
             Var.SESSION_LIFETIME: int(self.session_lifetime.total_seconds()),
             Var.SESSION_ABSOLUTE_LIFETIME: int(self.session_absolute_lifetime.total_seconds()),
+            Var.SESSION_PERMANENT: self.session_permanent,
+            Var.SESSION_ID_LENGTH: self.session_id_length,
             Var.SESSION_MAX_BYTES: self.session_max_bytes,
             Var.SESSION_KEY_PREFIX: self.session_key_prefix,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,
             Var.SESSION_COOKIE_SAMESITE: self.session_cookie_samesite,
-            Var.REDIS_URL: redact_url(self.redis_url),
-            Var.REDIS_SOCKET_TIMEOUT: self.redis_socket_timeout,
-            Var.REDIS_CONNECT_TIMEOUT: self.redis_connect_timeout,
-            Var.REDIS_SSL_CA_CERTS: self.redis_ssl_ca_certs,
-            Var.REDIS_SSL_CHECK_HOSTNAME: self.redis_ssl_check_hostname,
-            Var.FIRESTORE_PROJECT: self.firestore_project,
-            Var.FIRESTORE_DATABASE: self.firestore_database,
-            Var.FIRESTORE_COLLECTION: self.firestore_collection,
-            Var.FIRESTORE_TIMEOUT: self.firestore_timeout,
-            Var.FIRESTORE_REFRESH_INTERVAL: int(self.refresh_interval.total_seconds()),
             Var.TRUSTED_PROXY_HOPS: self.proxy_hops,
             Var.WHATSAPP_ACCESS_TOKEN: secret(self.whatsapp_access_token),
         }
+        if self.store is not None:
+            values.update(self.store.redacted(self))
+        return values
 
     def __repr__(self) -> str:
         body = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
         return f"Settings({body})"
-
-
-def is_valid_redis_url(url: str) -> bool:
-    """``redis://`` or ``rediss://`` with a host and, if given, a numeric port and db.
-
-    (marshmallow's URL validator compiles a regex that alone costs ~60 ms of cold start.)
-    """
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        return False
-    db = parts.path.lstrip("/")
-    return (
-        parts.scheme in ("redis", "rediss")
-        and bool(parts.hostname)
-        and port_ok
-        and (not db or db.isdigit())
-        and not any(c.isspace() for c in url)
-    )
-
-
-def is_valid_collection_id(name: str) -> bool:
-    """Firestore's rules for a collection id (and a document id)."""
-    if not name or "/" in name or name in (".", ".."):
-        return False
-    if name.startswith("__") and name.endswith("__"):
-        return False
-    return len(name.encode()) <= 1500

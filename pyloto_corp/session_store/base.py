@@ -1,28 +1,41 @@
-"""Behaviour every pyloto_corp backend adds to Flask-Session's server-side interface.
+"""The backend contract, and the one request path every backend shares.
+
+A request reads straight through this module: :meth:`StoreInterface.open_session` asks the
+backend to ``read`` the record (one store round trip that also slides the idle timeout), decodes
+it and returns a :class:`StoreSession` that carries what the store said; the view runs;
+:meth:`StoreInterface.save_session` writes only a modified session (``replace`` an existing
+record, ``create`` a new one) and sets the cookie. Backends implement the abstract methods of
+:class:`StoreInterface` and :class:`StoreOptions` and nothing else.
 
 - Store ids are ``prefix + sha256(session id)``: a store dump, ``SCAN`` or read-only credential
   yields no cookie that logs anyone in, and any cookie value is a harmless key.
-- Stored bytes are decoded as msgpack only. Flask-Session falls back to ``pickle.loads``; a store
-  written by someone else must never run code here, so corrupt data means "no session".
-- Store failures become :class:`~pyloto_corp.errors.SessionStoreUnavailable` (a 503, not a 500).
+- Stored bytes go through :mod:`.codec` (tagged msgpack, never pickle); bytes that do not decode
+  mean "no session" and a warning.
+- Store failures are :class:`~pyloto_corp.errors.SessionStoreUnavailable` (a 503, not a 500).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import msgspec
 from flask import Flask, Request, Response, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
-from ..errors import SessionStoreUnavailable, SessionTooLarge
+from ..errors import SessionGone, SessionStoreUnavailable, SessionTooLarge, UnstorableValue
+from . import codec
+
+if TYPE_CHECKING:
+    from environs import Env
+
+    from ..config.settings import Settings
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -30,9 +43,58 @@ logger = logging.getLogger("pyloto_corp.session_store")
 RETRY_AFTER_SECONDS = 5
 #: Session key holding the creation time (epoch seconds), for the absolute timeout.
 CREATED_AT = "_created_at"
+#: Keys the extension and Flask-Session keep; a session holding only these is empty.
+INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT})
+#: Another instance's clock may run ahead of ours: a creation time up to this far in the future
+#: is accepted; beyond it the session is ignored (not deleted: it may be valid elsewhere).
+CLOCK_SKEW_TOLERANCE = 300
 
-_decoder = msgspec.msgpack.Decoder(dict[str, Any])
-_encoder = msgspec.msgpack.Encoder()
+
+class StoreOptions(ABC):
+    """A backend's own settings: its variables, their parsing and their rules (pure, no IO).
+
+    Subclasses are frozen dataclasses named ``Options`` in the backend's module; every field has
+    a default, so ``Options()`` is the backend with defaults.
+    """
+
+    #: The backend's name (``SESSION_STORE_BACKEND``) and its module's name.
+    backend: ClassVar[str]
+    #: Every environment variable the backend reads.
+    VARIABLES: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def from_env(cls, env: Env) -> StoreOptions:
+        """Read the backend's variables from a non-eager environs ``Env`` (errors are collected
+        by the caller's ``env.seal()``; an unset or unparseable variable keeps its default)."""
+
+    @abstractmethod
+    def problems(self, settings: Settings) -> list[str]:
+        """Every problem with these options in ``settings``' environment; never a secret."""
+
+    @abstractmethod
+    def redacted(self, settings: Settings) -> dict[str, Any]:
+        """The effective options keyed by variable name, secrets shown as ``***``."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the store held when a request read a session."""
+
+    data: bytes
+    #: Whatever the backend needs to write the record back (Firestore: its stored expiry).
+    version: object = None
+
+
+def interface_options(settings: Settings) -> dict[str, Any]:
+    """The :class:`StoreInterface` keywords every backend takes from the core settings."""
+    return {
+        "key_prefix": settings.session_key_prefix,
+        "permanent": settings.session_permanent,
+        "sid_length": settings.session_id_length,
+        "absolute_lifetime": settings.session_absolute_lifetime,
+        "max_bytes": settings.session_max_bytes,
+    }
 
 
 def hashed_store_id(key_prefix: str, sid: str) -> str:
@@ -41,40 +103,30 @@ def hashed_store_id(key_prefix: str, sid: str) -> str:
     return key_prefix + digest
 
 
-def encode_session(session: ServerSideSession) -> bytes:
-    return _encoder.encode(dict(session))
+class StoreSession(ServerSideSession):
+    """Flask-Session's session, plus what the store said about it when this request opened it.
+
+    ``stored`` is the record read (None: a new session, or one moved to a new id);
+    ``replaces`` is the store id a login left behind, deleted once the new record is written.
+    """
+
+    def __init__(
+        self,
+        initial: dict[str, Any] | None = None,
+        sid: str | None = None,
+        permanent: bool | None = None,
+        stored: Record | None = None,
+    ) -> None:
+        super().__init__(initial, sid, permanent)
+        self.stored = stored
+        self.replaces: str | None = None
+
+    def __bool__(self) -> bool:
+        # Only the extension's own keys left (a logout key by key) counts as empty, as in Flask.
+        return not INTERNAL_KEYS.issuperset(dict.keys(self))
 
 
-def decode_session(data: bytes, store_id: str) -> dict[str, Any] | None:
-    """The stored session, or None (and a warning) when the bytes are not a msgpack map."""
-    try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, TypeError):
-        # Only the hashed key is logged: it identifies the record without granting the session.
-        logger.warning(
-            "Discarded undecodable session data at %s; starting a fresh session", store_id
-        )
-        return None
-
-
-def unavailable_response() -> Response:
-    """503 with Retry-After: JSON for clients that prefer it, plain text otherwise."""
-    message = "The session store is unavailable; please retry shortly."
-    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
-        response = jsonify(error="session_store_unavailable", message=message)
-    else:
-        response = Response(message + "\n", mimetype="text/plain")
-    response.status_code = 503
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return response
-
-
-def answer_store_unavailable(exc: SessionStoreUnavailable) -> Response:
-    """Error handler: a view that needed the session while the store was down gets a 503."""
-    return unavailable_response()
-
-
-class UnavailableSession(ServerSideSession):
+class UnavailableSession(StoreSession):
     """Stands in when the store could not be read: any use of the data raises
     SessionStoreUnavailable (answered 503), so no view mistakes it for an empty session, and a
     view that never touches the session (a health check) still works."""
@@ -90,172 +142,325 @@ class UnavailableSession(ServerSideSession):
         return False
 
 
-class SessionGone(Exception):
-    """The stored session was deleted (a logout) while this request ran: do not recreate it."""
+def unavailable_response() -> Response:
+    """503 with Retry-After: JSON for clients that prefer it, plain text otherwise."""
+    message = "The session store is unavailable; please retry shortly."
+    response = _error_response("session_store_unavailable", message, 503)
+    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
-class StoreInterfaceMixin(ServerSideSessionInterface):
-    """Mixed in before a Flask-Session interface class; see the module docstring.
+def answer_store_unavailable(exc: SessionStoreUnavailable) -> Response:
+    """Error handler: a view that needed the session while the store was down gets a 503."""
+    return unavailable_response()
 
-    - Idle timeout: the store's expiry (``PERMANENT_SESSION_LIFETIME``), slid by reads.
-      Absolute timeout: ``_created_at`` in the session; past ``absolute_lifetime`` the session
-      ends whatever its activity. The cookie expires at that absolute time, so it is set only
-      when the session changes, never just to slide it.
-    - Backends put their write logic in :meth:`write_session`; :meth:`save_session` turns a
-      store failure into a 503 (a request never reports success for a write that failed), a
-      session deleted meanwhile into a removed cookie, and an oversized one into a clear 500.
+
+class StoreInterface(ServerSideSessionInterface):
+    """Flask-Session's server-side interface with one straight open → save path.
+
+    - Idle timeout: the store's expiry, ``app.permanent_session_lifetime`` read per request and
+      slid by every read. Absolute timeout: ``_created_at`` in the session; past
+      ``absolute_lifetime`` the session ends whatever its activity. The cookie expires at that
+      absolute time, so it is set only when the session changes, never just to slide it.
+    - Only a modified session is written; a session emptied (``clear()``, or key by key) is
+      deleted with its cookie.
+    - A write whose record was deleted meanwhile (a logout, a login) is dropped: the session is
+      never brought back, the response becomes a 409 and no session cookie is sent.
     """
 
-    backend_name = "store"
-    absolute_lifetime = timedelta(days=7)
-    max_bytes = 512 * 1024
-    # Hands what load() learnt from the store to open_session(), within one call on one thread.
-    _loading = threading.local()
+    session_class = StoreSession
+    backend_name: ClassVar[str] = "store"
+    # Every backend here expires sessions itself (or via `flask session-store cleanup`): this
+    # keeps Flask-Session from registering its own cleanup hooks.
+    ttl = True
 
-    _absolute_seconds = absolute_lifetime.total_seconds()
-
-    def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        *,
+        key_prefix: str,
+        permanent: bool = True,
+        sid_length: int = 32,
+        absolute_lifetime: timedelta = timedelta(days=7),
+        max_bytes: int = 512 * 1024,
+    ) -> None:
+        super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
-        self._absolute_seconds = absolute_lifetime.total_seconds()
         self.max_bytes = max_bytes
 
-    # -- reading ---------------------------------------------------------------------------------
+    # -- the contract: what each backend implements ------------------------------------------------
 
-    def open_session(self, app: Flask, request: Request) -> ServerSideSession:
-        self._loading.found = None
+    @abstractmethod
+    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
+        """The stored record, its idle expiry slid to ``lifetime`` from now; None when absent.
+        One round trip: this runs on every request that carries a session cookie."""
+
+    @abstractmethod
+    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        """Store a new record unless ``store_id`` is taken; False when it is (never overwrite)."""
+
+    @abstractmethod
+    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
+        """Overwrite the record if it still exists; False when it does not (a logout is final)."""
+
+    @abstractmethod
+    def delete(self, store_id: str) -> None:
+        """Delete the record (absent is fine)."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Prove the store answers, within the configured timeout."""
+
+    def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
+        """A read-only request ends: slide the expiry if ``read`` did not (Firestore does it
+        lazily). A record gone meanwhile is left gone."""
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def open_session(self, app: Flask, request: Request) -> StoreSession:
+        sid = request.cookies.get(self.get_cookie_name(app))
+        if not sid:
+            return self.new_session()
+        store_id = self.store_id(sid)
         try:
-            session: ServerSideSession = super().open_session(app, request)
-            # What the store said about this session (exists; Firestore: its expiry) travels
-            # with the session object to save_session().
-            session.loaded_from_store = self._loading.found
-            created = _created_at(session)
-            if created is not None and not self._within_absolute_lifetime(created):
-                self._delete_session(self._get_store_id(session.sid))
-                session = self.session_class(sid=self._generate_sid(self.sid_length))
+            record = self.read(store_id, app.permanent_session_lifetime)
+            data = None if record is None else self._decode(record, store_id)
+            if data is not None and not self._within_absolute_lifetime(data, store_id):
+                data = None
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
-            session = UnavailableSession(sid=self._generate_sid(self.sid_length))
-        return session
+            return UnavailableSession(sid=self._generate_sid(self.sid_length))
+        if record is None or data is None:
+            return self.new_session()
+        return self.session_class(data, sid=sid, stored=record)
 
-    def _within_absolute_lifetime(self, created: object) -> bool:
-        if not isinstance(created, int) or isinstance(created, bool):
-            return False
-        return 0 <= time.time() - created <= self._absolute_seconds
-
-    def load(
-        self, data: bytes | None, store_id: str, loaded: object = True
-    ) -> dict[str, Any] | None:
-        """Decode what the store returned and note that the session exists (and ``loaded``)."""
-        session = None if data is None else decode_session(data, store_id)
-        if session is not None:
-            self._loading.found = (store_id, loaded)
-        return session
+    def new_session(self) -> StoreSession:
+        return self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
 
     @staticmethod
-    def stored(session: ServerSideSession, store_id: str) -> object | None:
-        """What the store said when ``store_id`` was read for this session; None if it was not
-        (a new session, or one whose id was rotated since)."""
-        found = getattr(session, "loaded_from_store", None)
-        return found[1] if found is not None and found[0] == store_id else None
+    def _decode(record: Record, store_id: str) -> dict[str, Any] | None:
+        try:
+            return codec.loads(record.data)
+        except ValueError:
+            # Only the hashed key is logged: it identifies the record without granting it.
+            logger.warning(
+                "Discarded undecodable session data at %s; starting a fresh session", store_id
+            )
+            return None
 
-    # -- writing ---------------------------------------------------------------------------------
+    def _within_absolute_lifetime(self, data: dict[str, Any], store_id: str) -> bool:
+        """Past the absolute timeout: the record is deleted. Created in the future beyond the
+        skew tolerance: ignored, not deleted."""
+        created = data.get(CREATED_AT)
+        if created is None:
+            return True
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            logger.warning("Ignored session %s with a malformed creation time", store_id)
+            return False
+        age = time.time() - created
+        if age > self.absolute_lifetime.total_seconds():
+            self.delete(store_id)
+            return False
+        if age < -CLOCK_SKEW_TOLERANCE:
+            logger.warning(
+                "Ignored session %s created %.0f s in the future (clock skew beyond %d s)",
+                store_id,
+                -age,
+                CLOCK_SKEW_TOLERANCE,
+            )
+            return False
+        return True
+
+    # -- writing -----------------------------------------------------------------------------------
 
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
         if isinstance(session, UnavailableSession):
             return  # the stand-in is never stored
-        if session.modified and session and CREATED_AT not in session:
-            dict.__setitem__(session, CREATED_AT, int(time.time()))
+        assert isinstance(session, StoreSession)
+        if session.accessed:
+            response.vary.add("Cookie")
         try:
-            self.write_session(app, session, response)
+            self._write(app, session, response)
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
             _replace(response, unavailable_response())
         except SessionGone:
-            # Logged out by another request meanwhile: do not bring the session back.
-            response.headers.remove("Set-Cookie")
-            response.delete_cookie(
-                self.get_cookie_name(app),
-                domain=self.get_cookie_domain(app),
-                path=self.get_cookie_path(app),
+            logger.warning(
+                "Dropped a session write: the session ended (logout or login) while the request "
+                "ran; answered 409 and left the browser's session cookie alone"
             )
-            response.vary.add("Cookie")
-        except SessionTooLarge as exc:
+            _replace(response, _error_response("session_ended", SESSION_ENDED_MESSAGE, 409))
+        except (SessionTooLarge, UnstorableValue) as exc:
             logger.error("%s", exc)
-            _replace(response, jsonify(error="session_too_large", message=str(exc)), status=500)
+            error = (
+                "session_too_large" if isinstance(exc, SessionTooLarge) else "session_unstorable"
+            )
+            _replace(response, _error_response(error, str(exc), 500))
 
-    def _upsert_session(
-        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
-    ) -> None:
+    def _write(self, app: Flask, session: StoreSession, response: Response) -> None:
+        lifetime = app.permanent_session_lifetime
+        store_id = self.store_id(session.sid)
+        if not session:
+            if session.modified or session.replaces is not None:
+                # Emptied (clear(), logout, key by key): delete it and the cookie.
+                for stale in self._stale_ids(session, store_id):
+                    self.delete(stale)
+                self._delete_cookie(app, response)
+            return
+        if not session.modified:
+            if session.stored is not None:
+                self.touch(store_id, session.stored, lifetime)
+            return
+        if CREATED_AT not in session:
+            dict.__setitem__(session, CREATED_AT, int(time.time()))
         data = self.encode(session)
-        if self.stored(session, store_id) is not None:
-            # Only if it still exists: a request finishing after a logout cannot revive it.
-            if not self.replace_existing(store_id, data, session_lifetime):
+        if session.stored is not None:
+            if not self.replace(store_id, data, lifetime, session.stored):
                 raise SessionGone
         else:
-            self.create_new(session, lambda key: self.create_absent(key, data, session_lifetime))
+            self._create(session, data, lifetime)
+        if session.replaces is not None:
+            # After the new record exists: a login that failed leaves the old session intact.
+            self.delete(session.replaces)
+        self._set_cookie(app, session, response)
 
-    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        """Overwrite the stored session if it still exists; False when it does not."""
-        raise NotImplementedError
+    @staticmethod
+    def _stale_ids(session: StoreSession, store_id: str) -> Iterable[str]:
+        if session.stored is not None:
+            yield store_id
+        if session.replaces is not None:
+            yield session.replaces
 
-    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        """Store a new session unless the id is taken; False when it is."""
-        raise NotImplementedError
-
-    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
-        """Flask-Session's own save logic; backends override it."""
-        ServerSideSessionInterface.save_session(self, app, session, response)
-
-    def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
-        return bool(session.modified)
-
-    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
-        if not session.permanent:
-            return None
-        created = _created_at(session)
-        start = created if isinstance(created, int) else int(time.time())
-        return datetime.fromtimestamp(start, UTC) + self.absolute_lifetime
-
-    def encode(self, session: ServerSideSession) -> bytes:
-        """The session as msgpack, refused (before any write) when over the size limit."""
-        data = encode_session(session)
-        limit = self.max_bytes
-        if len(data) > limit:
-            raise SessionTooLarge(
-                f"The session is {len(data):,} bytes encoded; the {self.backend_name} store "
-                f"accepts at most {limit:,} (SESSION_MAX_BYTES). The stored session was left "
-                "unchanged."
-            )
-        return data
-
-    def create_new(self, session: ServerSideSession, create: Callable[[str], bool]) -> None:
-        """Store a new session with ``create(store_id) -> created``; a taken id is never
-        overwritten: the session gets a fresh id instead (256-bit ids make this theoretical)."""
+    def _create(self, session: StoreSession, data: bytes, lifetime: timedelta) -> None:
+        """A taken id is never overwritten: the session gets a fresh id instead (256-bit ids
+        make this theoretical)."""
         for _ in range(3):
-            if create(self._get_store_id(session.sid)):
+            if self.create(self.store_id(session.sid), data, lifetime):
                 return
             session.sid = self._generate_sid(self.sid_length)
         raise SessionStoreUnavailable(f"{self.backend_name} store: could not allocate a session id")
 
-    # -- misc ------------------------------------------------------------------------------------
+    def encode(self, session: StoreSession) -> bytes:
+        """The stored bytes; refused (before any write) when over the size limit."""
+        data = codec.dumps(session)
+        if len(data) > self.max_bytes:
+            raise SessionTooLarge(
+                f"The session is {len(data):,} bytes encoded; the {self.backend_name} store "
+                f"accepts at most {self.max_bytes:,} (SESSION_MAX_BYTES). The stored session was "
+                "left unchanged."
+            )
+        return data
 
-    def ping(self) -> None:
-        """Prove the store answers; raise SessionStoreUnavailable when it does not."""
+    def _set_cookie(self, app: Flask, session: StoreSession, response: Response) -> None:
+        response.set_cookie(
+            self.get_cookie_name(app),
+            session.sid,
+            expires=self.get_expiration_time(app, session),
+            httponly=self.get_cookie_httponly(app),
+            domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app),
+            secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app),
+            partitioned=self.get_cookie_partitioned(app),
+        )
+        response.vary.add("Cookie")
 
-    def _get_store_id(self, sid: str) -> str:
+    def _delete_cookie(self, app: Flask, response: Response) -> None:
+        response.delete_cookie(
+            self.get_cookie_name(app),
+            domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app),
+            secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app),
+            httponly=self.get_cookie_httponly(app),
+            partitioned=self.get_cookie_partitioned(app),
+        )
+        response.vary.add("Cookie")
+
+    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
+        if not dict.get(cast("dict[str, Any]", session), "_permanent", False):
+            return None
+        created = dict.get(cast("dict[str, Any]", session), CREATED_AT)
+        start = created if isinstance(created, int) else int(time.time())
+        return datetime.fromtimestamp(start, UTC) + self.absolute_lifetime
+
+    # -- login and logout (see lifecycle.py) -------------------------------------------------------
+
+    def regenerate(self, session: ServerSideSession) -> None:
+        """Move the session to a new id (login, change of privilege). The new record is written
+        at the end of the request and the old one deleted only then; the absolute timeout
+        starts again."""
+        session = _unproxied(session)
+        if session.stored is not None and session.replaces is None:
+            session.replaces = self.store_id(session.sid)
+        session.sid = self._generate_sid(self.sid_length)
+        session.stored = None
+        dict.__setitem__(session, CREATED_AT, int(time.time()))
+        session.modified = True
+
+    def end(self, session: ServerSideSession) -> None:
+        """Log out now: delete the stored record and move the session to a new, empty id, so
+        nothing written later (in this request or one already running) brings the old id back."""
+        session = _unproxied(session)
+        for stale in self._stale_ids(session, self.store_id(session.sid)):
+            self.delete(stale)
+        session.sid = self._generate_sid(self.sid_length)
+        session.stored = None
+        session.replaces = None
+        session.clear()
+        dict.pop(session, CREATED_AT, None)
+        session.modified = True
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def store_id(self, sid: str) -> str:
         return hashed_store_id(self.key_prefix, sid)
 
+    # Flask-Session's abstract hooks: its open/save/regenerate are replaced above, so nothing in
+    # Flask-Session calls these; they answer through the contract all the same.
+    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
+        record = self.read(store_id, self.app.permanent_session_lifetime)
+        return None if record is None else codec.loads(record.data)
 
-def _created_at(session: SessionMixin) -> object:
-    """The creation time, read without marking the session accessed (no ``Vary: Cookie``)."""
-    return dict.get(cast("dict[str, object]", session), CREATED_AT)
+    def _delete_session(self, store_id: str) -> None:
+        self.delete(store_id)
+
+    def _upsert_session(
+        self, session_lifetime: timedelta, session: ServerSideSession, store_id: str
+    ) -> None:
+        raise NotImplementedError("sessions are written by save_session()")
 
 
-def _replace(response: Response, replacement: Response, status: int | None = None) -> None:
-    """Turn ``response`` (already built by the view) into ``replacement``."""
-    response.status_code = status or replacement.status_code
+SESSION_ENDED_MESSAGE = (
+    "The session ended (signed out or signed in elsewhere) while this request ran; "
+    "its changes were not saved."
+)
+
+
+def _unproxied(session: object) -> StoreSession:
+    """The session object itself, also when given Flask's ``session`` proxy."""
+    unwrap = getattr(session, "_get_current_object", None)
+    current = unwrap() if unwrap is not None else session
+    if not isinstance(current, StoreSession):
+        raise TypeError("expected a session opened by SessionStore's interface")
+    return current
+
+
+def _error_response(error: str, message: str, status: int) -> Response:
+    """JSON for clients that prefer it, plain text otherwise."""
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+        response = jsonify(error=error, message=message)
+    else:
+        response = Response(message + "\n", mimetype="text/plain")
+    response.status_code = status
+    return response
+
+
+def _replace(response: Response, replacement: Response) -> None:
+    """Turn ``response`` (already built by the view) into ``replacement``, keeping the view's
+    other cookies but never a session cookie."""
+    response.status_code = replacement.status_code
     response.set_data(replacement.get_data())
     response.content_type = replacement.content_type
-    response.headers.remove("Set-Cookie")
     if "Retry-After" in replacement.headers:
         response.headers["Retry-After"] = replacement.headers["Retry-After"]

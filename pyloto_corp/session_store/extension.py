@@ -1,19 +1,22 @@
-"""The ``SessionStore`` Flask extension: validate the settings, then bind Flask-Session."""
+"""The ``SessionStore`` Flask extension: resolve and validate the app's settings, install the
+chosen backend's interface."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
-from flask_session.base import ServerSideSessionInterface
+from flask.sessions import SecureCookieSessionInterface
 
+from ..config.app_config import effective_settings
 from ..config.settings import Settings, Var
 from ..errors import ConfigurationError, SessionStoreUnavailable
-from .base import answer_store_unavailable
+from .base import StoreInterface, answer_store_unavailable
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -25,15 +28,17 @@ class StoreState:
     """What one app's registration holds, in ``app.extensions[EXTENSION_KEY]``."""
 
     settings: Settings
-    interface: ServerSideSessionInterface
+    interface: StoreInterface
 
 
 class SessionStore:
     """Server-side sessions that survive Cloud Run's stateless instances.
 
-    ``init_app`` validates the settings for their environment and raises one
+    ``init_app`` resolves the app's effective settings (its own ``app.config`` first, then the
+    ``Settings`` passed or the environment), validates them for their environment and raises one
     :class:`~pyloto_corp.errors.ConfigurationError` listing every problem before the app serves
-    anything; then it configures Flask's cookie settings and installs the backend's interface.
+    anything; then it fills in the Flask session keys the app left at their defaults and installs
+    the backend's interface. It does no IO.
     """
 
     def __init__(
@@ -43,44 +48,33 @@ class SessionStore:
             self.init_app(app, settings, client=client)
 
     def init_app(self, app: Flask, settings: Settings | None = None, *, client: Any = None) -> None:
-        """Register on ``app``; ``client`` replaces the backend client built from the settings."""
+        """Register on ``app``; ``client`` (or Flask-Session's ``SESSION_REDIS``) is the store
+        client to use as given, instead of one built from the settings."""
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 "SessionStore is already registered on this app; call init_app once per app."
             )
-        settings = Settings.from_env() if settings is None else settings
-        problems = settings.validate()
+        if type(app.session_interface) is not SecureCookieSessionInterface:
+            raise RuntimeError(
+                f"app.session_interface is already a {type(app.session_interface).__name__} "
+                "(Flask-Session's Session(app)?); remove that registration: SessionStore "
+                "installs its own interface."
+            )
+        settings, problems = effective_settings(
+            app.config, settings, os.environ if settings is None else {}
+        )
+        problems += settings.validate()
+        client = _client(app, client, problems)
         if problems:
             raise ConfigurationError(settings.environment, problems)
 
-        self._configure_flask(app, settings)
+        _configure_flask(app, settings)
         backend = importlib.import_module(f"{__package__}.{settings.session_store_backend}")
-        interface = backend.create_interface(app, settings, client)
+        interface: StoreInterface = backend.create_interface(app, settings, client)
         app.session_interface = interface
         # A view that uses the session while the store is down gets a 503, not a 500.
         app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)
         app.extensions[EXTENSION_KEY] = StoreState(settings=settings, interface=interface)
-
-    @staticmethod
-    def _configure_flask(app: Flask, settings: Settings) -> None:
-        secret_key = settings.secret_key
-        if not secret_key:
-            # Only reachable outside staging/production/Cloud Run (validation requires it there).
-            secret_key = secrets.token_urlsafe(48)
-            logger.warning(
-                "%s is not set; using a random key for this process (%s only).",
-                Var.SECRET_KEY,
-                settings.environment,
-            )
-        app.config.update(
-            SECRET_KEY=secret_key,
-            SESSION_COOKIE_NAME=settings.session_cookie_name,
-            SESSION_COOKIE_SECURE=settings.cookie_secure,
-            SESSION_COOKIE_HTTPONLY=settings.session_cookie_httponly,
-            SESSION_COOKIE_SAMESITE=settings.session_cookie_samesite,
-            PERMANENT_SESSION_LIFETIME=settings.session_lifetime,
-            SESSION_REFRESH_EACH_REQUEST=True,
-        )
 
     @staticmethod
     def state(app: Flask | None = None) -> StoreState:
@@ -93,3 +87,40 @@ class SessionStore:
                 "SessionStore is not registered on this app; call SessionStore().init_app(app)."
             ) from None
         return state
+
+
+def _client(app: Flask, client: Any, problems: list[str]) -> Any:
+    """``client=``, or Flask-Session's ``SESSION_REDIS``; both and different is refused."""
+    configured = app.config.get("SESSION_REDIS")
+    if configured is None:
+        return client
+    if client is not None and client is not configured:
+        problems.append(
+            "app.config['SESSION_REDIS'] and the client passed to SessionStore differ; "
+            "pass one client."
+        )
+    return configured
+
+
+def _configure_flask(app: Flask, settings: Settings) -> None:
+    """Fill in Flask's session keys from the effective settings (which already hold every value
+    the host app set: nothing the host configured changes)."""
+    if not app.config.get("SECRET_KEY"):
+        secret_key = settings.secret_key
+        if not secret_key:
+            # Only reachable outside staging/production/Cloud Run (validation requires it there).
+            secret_key = secrets.token_urlsafe(48)
+            logger.warning(
+                "%s is not set; using a random key for this process (%s only): tokens signed "
+                "by one process (CSRF, remember-me) fail in another.",
+                Var.SECRET_KEY,
+                settings.environment,
+            )
+        app.config["SECRET_KEY"] = secret_key
+    app.config.update(
+        SESSION_COOKIE_NAME=settings.session_cookie_name,
+        SESSION_COOKIE_SECURE=settings.cookie_secure,
+        SESSION_COOKIE_HTTPONLY=settings.session_cookie_httponly,
+        SESSION_COOKIE_SAMESITE=settings.session_cookie_samesite,
+        PERMANENT_SESSION_LIFETIME=settings.session_lifetime,
+    )

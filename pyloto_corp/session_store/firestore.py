@@ -1,6 +1,6 @@
 """Firestore store: one document per session, written with preconditions, refreshed lazily.
 
-Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (msgpack bytes),
+Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (the encoded session),
 ``expires_at`` (a timestamp a Firestore TTL policy can delete on) and ``updated_at``.
 
 - A read is one document get. TTL deletion is eventual, so a document whose ``expires_at`` has
@@ -8,8 +8,11 @@ Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (msgpack b
 - A read-only request rewrites ``expires_at`` only when it is more than the refresh interval
   stale, keeping each session far below Firestore's one write per second per document.
 - A new session is ``create()``d (an id collision fails instead of overwriting), an existing one
-  ``update()``d, so a slow request finishing after a logout cannot bring the session back: its
-  ``NotFound`` clears the cookie. No transactions on the hot path.
+  ``update()``d, so a slow request finishing after a logout cannot bring the session back. No
+  transactions on the hot path.
+- ``NotFound`` means "session gone" only for the ``update()`` of an existing session; anywhere
+  else it means the database or collection is missing (a typo in FIRESTORE_DATABASE): the store
+  is unavailable, a 503 with the database named in the log.
 - The client is created on first use in the serving process: gRPC must not be initialised before
   gunicorn forks its workers.
 """
@@ -20,49 +23,148 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
-from flask import Flask, Response
-from flask_session.base import ServerSideSession, ServerSideSessionInterface
+from environs import Env
+from flask import Flask
 from google.api_core import exceptions as google_exceptions
 from google.api_core.retry import Retry, if_transient_error
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
-from ..config.settings import Settings, is_valid_collection_id
+from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
 from ..errors import SessionStoreUnavailable
-from .base import SessionGone, StoreInterfaceMixin
+from .base import Record, StoreInterface, StoreOptions, interface_options
 
 logger = logging.getLogger("pyloto_corp.session_store")
+
+FIRESTORE_PROJECT = "FIRESTORE_PROJECT"
+FIRESTORE_DATABASE = "FIRESTORE_DATABASE"
+FIRESTORE_COLLECTION = "FIRESTORE_COLLECTION"
+FIRESTORE_TIMEOUT = "FIRESTORE_TIMEOUT"
+FIRESTORE_REFRESH_INTERVAL = "FIRESTORE_REFRESH_INTERVAL"
 
 #: Firestore's document limit is 1 MiB including field names and the document name.
 MAX_DATA_BYTES = 1_048_576 - 4_096
 DELETE_BATCH_SIZE = 500
 
 
+def is_valid_collection_id(name: str) -> bool:
+    """Firestore's rules for a collection id (and a document id)."""
+    if not name or "/" in name or name in (".", ".."):
+        return False
+    if name.startswith("__") and name.endswith("__"):
+        return False
+    return len(name.encode()) <= 1500
+
+
+@dataclass(frozen=True)
+class Options(StoreOptions):
+    backend: ClassVar[str] = FIRESTORE
+    VARIABLES: ClassVar[tuple[str, ...]] = (
+        FIRESTORE_PROJECT,
+        FIRESTORE_DATABASE,
+        FIRESTORE_COLLECTION,
+        FIRESTORE_TIMEOUT,
+        FIRESTORE_REFRESH_INTERVAL,
+    )
+
+    #: None: GOOGLE_CLOUD_PROJECT, then whatever the client library finds.
+    project: str | None = None
+    database: str = "(default)"
+    collection: str = "sessions"
+    #: Seconds a store call may take, retries included.
+    timeout: float = 5.0
+    #: How stale the stored expiry may get before a read-only request rewrites it (None: a tenth
+    #: of the lifetime). Keeps Firestore at about one write per session per interval.
+    refresh_interval: timedelta | None = None
+
+    @classmethod
+    def from_env(cls, env: Env) -> Options:
+        project = env.str(FIRESTORE_PROJECT, None) or env.str(Var.GOOGLE_CLOUD_PROJECT, None)
+        values: dict[str, Any] = {
+            "project": project or None,
+            "database": env.str(FIRESTORE_DATABASE, None),
+            "collection": env.str(FIRESTORE_COLLECTION, None),
+            "timeout": env.float(FIRESTORE_TIMEOUT, None),
+            "refresh_interval": env.timedelta(FIRESTORE_REFRESH_INTERVAL, None),
+        }
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    def effective_refresh_interval(self, lifetime: timedelta) -> timedelta:
+        return lifetime / 10 if self.refresh_interval is None else self.refresh_interval
+
+    def problems(self, settings: Settings) -> list[str]:
+        problems: list[str] = []
+        if not self.project and settings.environment in DEPLOYED_ENVIRONMENTS:
+            problems.append(
+                f"{FIRESTORE_PROJECT} (or {Var.GOOGLE_CLOUD_PROJECT}) is required "
+                f"{settings.where()} when SESSION_STORE_BACKEND=firestore; "
+                "set it to the Google Cloud project id that holds the database."
+            )
+        if not is_valid_collection_id(self.collection):
+            problems.append(
+                f"{FIRESTORE_COLLECTION}={self.collection!r} is not a valid "
+                "Firestore collection id: 1 to 1,500 bytes, no '/', not '.' or '..', "
+                "and not of the form __name__."
+            )
+        if not self.database:
+            problems.append(
+                f"{FIRESTORE_DATABASE} must not be empty; use (default) for the default database."
+            )
+        if "/" in settings.session_key_prefix:
+            problems.append(
+                f"{Var.SESSION_KEY_PREFIX} must not contain '/' with the firestore backend "
+                "(it starts every document id)."
+            )
+        lifetime = settings.session_lifetime
+        interval = self.effective_refresh_interval(lifetime)
+        if lifetime > timedelta(0) and not timedelta(0) <= interval < lifetime:
+            problems.append(
+                f"{FIRESTORE_REFRESH_INTERVAL} must be at least 0 and shorter than "
+                f"{Var.SESSION_LIFETIME}."
+            )
+        if not 0 < self.timeout <= 60:
+            problems.append(
+                f"{FIRESTORE_TIMEOUT} must be a number of seconds above 0 and at most 60."
+            )
+        return problems
+
+    def redacted(self, settings: Settings) -> dict[str, Any]:
+        interval = self.effective_refresh_interval(settings.session_lifetime)
+        return {
+            FIRESTORE_PROJECT: self.project,
+            FIRESTORE_DATABASE: self.database,
+            FIRESTORE_COLLECTION: self.collection,
+            FIRESTORE_TIMEOUT: self.timeout,
+            FIRESTORE_REFRESH_INTERVAL: int(interval.total_seconds()),
+        }
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface):
-    backend_name = "firestore"
-    # Firestore deletes expired documents itself once a TTL policy exists; without one, operators
-    # run `flask session-store cleanup`. This also stops Flask-Session adding its own command.
-    ttl = True
+class FirestoreSessionInterface(StoreInterface):
+    backend_name = FIRESTORE
 
     def __init__(
         self,
         app: Flask,
         client_factory: Callable[[], firestore.Client],
         *,
+        database: str,
         collection: str,
-        key_prefix: str,
         timeout: float,
         refresh_interval: timedelta,
+        **options: Any,
     ) -> None:
-        super().__init__(app, key_prefix=key_prefix)
+        options["max_bytes"] = min(options["max_bytes"], MAX_DATA_BYTES)
+        super().__init__(app, **options)
+        self.database = database
         self.collection = collection
         self.timeout = timeout
         self.refresh_interval = refresh_interval
@@ -96,22 +198,32 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
     def _document(self, store_id: str) -> firestore.DocumentReference:
         return self.client.collection(self.collection).document(store_id)
 
-    def _unavailable(self, exc: Exception) -> SessionStoreUnavailable:
-        return SessionStoreUnavailable(
-            f"Firestore session store (collection {self.collection!r}) failed: {type(exc).__name__}"
-        )
-
-    def _call(self, operation: Callable[..., Any], *args: Any) -> Any:
+    def _call(
+        self, operation: Callable[..., Any], *args: Any, missing_is_gone: bool = False
+    ) -> Any:
+        """Run one operation within the timeout. ``NotFound`` is re-raised only where it means
+        "this session is gone" (``missing_is_gone``); elsewhere the database is missing."""
         try:
             return operation(*args, retry=self.retry, timeout=self.timeout)
-        except (google_exceptions.NotFound, google_exceptions.AlreadyExists):
+        except google_exceptions.NotFound:
+            if missing_is_gone:
+                raise
+            raise SessionStoreUnavailable(
+                f"Firestore session store: database {self.database!r} or collection "
+                f"{self.collection!r} not found (NotFound); check FIRESTORE_PROJECT and "
+                "FIRESTORE_DATABASE"
+            ) from None
+        except google_exceptions.AlreadyExists:
             raise
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
-            raise self._unavailable(exc) from exc
+            raise SessionStoreUnavailable(
+                f"Firestore session store (database {self.database!r}, collection "
+                f"{self.collection!r}) failed: {type(exc).__name__}"
+            ) from None
 
-    # -- Flask-Session hooks -----------------------------------------------------------------------
+    # -- the contract ------------------------------------------------------------------------------
 
-    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
+    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
         if not is_valid_collection_id(store_id):
             return None
         snapshot = self._call(self._document(store_id).get)
@@ -126,56 +238,47 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
             return None
         if expires_at <= _now():
             return None  # expired; the TTL policy or the cleanup command deletes it later
-        return self.load(data, store_id, loaded=expires_at)
-
-    def set_limits(self, *, absolute_lifetime: timedelta, max_bytes: int) -> None:
-        # Firestore's own document limit wins over a larger SESSION_MAX_BYTES.
-        super().set_limits(
-            absolute_lifetime=absolute_lifetime, max_bytes=min(max_bytes, MAX_DATA_BYTES)
-        )
+        return Record(data, version=expires_at)
 
     def _fields(self, data: bytes, lifetime: timedelta) -> dict[str, Any]:
         now = _now()
         return {"data": data, "expires_at": now + lifetime, "updated_at": now}
 
-    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        try:
-            self._call(self._document(store_id).update, self._fields(data, lifetime))
-        except google_exceptions.NotFound:
-            return False
-        return True
-
-    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
         try:
             self._call(self._document(store_id).create, self._fields(data, lifetime))
         except google_exceptions.AlreadyExists:
             return False
         return True
 
-    def _delete_session(self, store_id: str) -> None:
+    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
+        return self._update(store_id, self._fields(data, lifetime))
+
+    def _update(self, store_id: str, fields: dict[str, Any]) -> bool:
+        try:
+            self._call(self._document(store_id).update, fields, missing_is_gone=True)
+        except google_exceptions.NotFound:
+            return False
+        return True
+
+    def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
+        """Slide the stored expiry when it is more than the refresh interval stale."""
+        now = _now()
+        expires_at = stored.version
+        if (
+            not isinstance(expires_at, datetime)
+            or now + lifetime - expires_at < self.refresh_interval
+        ):
+            return
+        self._update(store_id, {"expires_at": now + lifetime, "updated_at": now})
+
+    def delete(self, store_id: str) -> None:
         if is_valid_collection_id(store_id):
             self._call(self._document(store_id).delete)
 
-    def write_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:
-        if not session.modified and session:
-            if session.accessed:
-                response.vary.add("Cookie")
-            self._refresh_expiry(session, app.permanent_session_lifetime)
-            return
-        super().write_session(app, session, response)
-
-    def _refresh_expiry(self, session: ServerSideSession, lifetime: timedelta) -> None:
-        """Slide the stored expiry when it is more than the refresh interval stale."""
-        store_id = self._get_store_id(session.sid)
-        loaded = self.stored(session, store_id)
-        now = _now()
-        if not isinstance(loaded, datetime) or now + lifetime - loaded < self.refresh_interval:
-            return
-        try:
-            fields = {"expires_at": now + lifetime, "updated_at": now}
-            self._call(self._document(store_id).update, fields)
-        except google_exceptions.NotFound:
-            raise SessionGone from None
+    def ping(self) -> None:
+        """One cheap read, to prove the database answers (readiness, ``ping``)."""
+        self._call(self._document(self.key_prefix + "ping").get)
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -194,31 +297,30 @@ class FirestoreSessionInterface(StoreInterfaceMixin, ServerSideSessionInterface)
             self._call(batch.commit)
             deleted += len(snapshots)
 
-    def ping(self) -> None:
-        """One cheap read, to prove the database answers (readiness, ``ping``)."""
-        self._call(self._document(self.key_prefix + "ping").get)
-
 
 def create_interface(
     app: Flask, settings: Settings, client: firestore.Client | None = None
 ) -> FirestoreSessionInterface:
+    options = settings.store
+    assert isinstance(options, Options)
+    if client is not None and not isinstance(client, firestore.Client):
+        raise TypeError(
+            f"client={type(client).__name__} cannot back the firestore session store; pass a "
+            "google.cloud.firestore.Client, or no client to connect with FIRESTORE_PROJECT."
+        )
+
     def factory() -> firestore.Client:
         if client is not None:
             return client
         # FIRESTORE_EMULATOR_HOST, when set, is honoured by the client library itself.
-        return firestore.Client(
-            project=settings.firestore_project, database=settings.firestore_database
-        )
+        return firestore.Client(project=options.project, database=options.database)
 
-    interface = FirestoreSessionInterface(
+    return FirestoreSessionInterface(
         app,
         factory,
-        collection=settings.firestore_collection,
-        key_prefix=settings.session_key_prefix,
-        timeout=settings.firestore_timeout,
-        refresh_interval=settings.refresh_interval,
+        database=options.database,
+        collection=options.collection,
+        timeout=options.timeout,
+        refresh_interval=options.effective_refresh_interval(settings.session_lifetime),
+        **interface_options(settings),
     )
-    interface.set_limits(
-        absolute_lifetime=settings.session_absolute_lifetime, max_bytes=settings.session_max_bytes
-    )
-    return interface

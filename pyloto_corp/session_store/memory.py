@@ -1,52 +1,140 @@
-"""In-process store for development and tests: Flask-Session's cachelib interface over SimpleCache.
+"""In-process store for development and tests.
 
 Refused in staging, production and on Cloud Run (see the settings' validation): each instance
-would hold its own sessions.
+would hold its own sessions. It keeps the same encoded bytes and follows the same contract as
+the shared stores, so code that works in development works in production: a read slides the
+idle expiry, only a modified session is written, a logout is final.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
-from cachelib import SimpleCache
+from environs import Env
 from flask import Flask
-from flask_session.cachelib import CacheLibSessionInterface
 
-from ..config.settings import Settings
-from .base import StoreInterfaceMixin
-
-#: SimpleCache evicts beyond this many entries; plenty for one developer's browser tabs.
-MAX_SESSIONS = 10_000
+from ..config.settings import MEMORY, Settings
+from .base import Record, StoreInterface, StoreOptions, interface_options
 
 
-class MemorySessionInterface(StoreInterfaceMixin, CacheLibSessionInterface):
-    backend_name = "memory"
+@dataclass(frozen=True)
+class Options(StoreOptions):
+    """No variables: the store lives and dies with the process."""
 
-    # Stored as the same msgpack bytes as the other backends, so every backend meets one contract;
-    # rewritten on every request (SimpleCache cannot slide an expiry by itself).
-    def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
-        return self.load(self.cache.get(store_id), store_id)
+    backend: ClassVar[str] = MEMORY
+    VARIABLES: ClassVar[tuple[str, ...]] = ()
+    #: Beyond this many sessions the one closest to expiry is dropped.
+    max_sessions: int = 10_000
 
-    def replace_existing(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        if not self.cache.has(store_id):
-            return False
-        return bool(self.cache.set(store_id, data, timeout=_seconds(lifetime)))
+    @classmethod
+    def from_env(cls, env: Env) -> Options:
+        return cls()
 
-    def create_absent(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        return bool(self.cache.add(store_id, data, timeout=_seconds(lifetime)))
+    def problems(self, settings: Settings) -> list[str]:
+        if settings.is_deployed:
+            return [
+                f"SESSION_STORE_BACKEND=memory is refused {settings.where()}: sessions kept in "
+                "process memory are lost or split between Cloud Run instances; "
+                "set SESSION_STORE_BACKEND=redis or firestore."
+            ]
+        return []
+
+    def redacted(self, settings: Settings) -> dict[str, Any]:
+        return {}
 
 
-def _seconds(lifetime: timedelta) -> int:
-    return max(1, int(lifetime.total_seconds()))
+class MemoryStore:
+    """Store id -> (bytes, monotonic expiry), behind one lock."""
+
+    def __init__(self, max_sessions: int = 10_000) -> None:
+        self.max_sessions = max_sessions
+        self._items: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, key: str, now: float) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            del self._items[key]
+            return None
+        return item[0]
+
+    def get(self, key: str, ttl: float) -> bytes | None:
+        """The value, its expiry slid to ``ttl`` seconds from now (like Redis GETEX)."""
+        now = time.monotonic()
+        with self._lock:
+            data = self._live(key, now)
+            if data is not None:
+                self._items[key] = (data, now + ttl)
+            return data
+
+    def add(self, key: str, data: bytes, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if self._live(key, now) is not None:
+                return False
+            if len(self._items) >= self.max_sessions:
+                self._evict(now)
+            self._items[key] = (data, now + ttl)
+            return True
+
+    def replace(self, key: str, data: bytes, ttl: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if self._live(key, now) is None:
+                return False
+            self._items[key] = (data, now + ttl)
+            return True
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def _evict(self, now: float) -> None:
+        for key in [k for k, (_, expires) in self._items.items() if expires <= now]:
+            del self._items[key]
+        if len(self._items) >= self.max_sessions:
+            del self._items[min(self._items, key=lambda k: self._items[k][1])]
+
+
+class MemorySessionInterface(StoreInterface):
+    backend_name = MEMORY
+
+    def __init__(self, app: Flask, store: MemoryStore, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.store = store
+
+    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
+        data = self.store.get(store_id, lifetime.total_seconds())
+        return None if data is None else Record(data)
+
+    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        return self.store.add(store_id, data, lifetime.total_seconds())
+
+    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
+        return self.store.replace(store_id, data, lifetime.total_seconds())
+
+    def delete(self, store_id: str) -> None:
+        self.store.delete(store_id)
+
+    def ping(self) -> None:
+        """Always answers: it is this process."""
 
 
 def create_interface(
-    app: Flask, settings: Settings, client: SimpleCache | None = None
+    app: Flask, settings: Settings, client: MemoryStore | None = None
 ) -> MemorySessionInterface:
-    cache = client if client is not None else SimpleCache(threshold=MAX_SESSIONS)
-    interface = MemorySessionInterface(app, client=cache, key_prefix=settings.session_key_prefix)
-    interface.set_limits(
-        absolute_lifetime=settings.session_absolute_lifetime, max_bytes=settings.session_max_bytes
-    )
-    return interface
+    options = settings.store
+    assert isinstance(options, Options)
+    if client is not None and not isinstance(client, MemoryStore):
+        raise TypeError(
+            f"client={type(client).__name__} cannot back the memory store; pass a "
+            "pyloto_corp.session_store.memory.MemoryStore or no client."
+        )
+    store = client if client is not None else MemoryStore(options.max_sessions)
+    return MemorySessionInterface(app, store, **interface_options(settings))

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
-from pyloto_corp.session_store import EXTENSION_KEY
+from pyloto_corp.session_store import EXTENSION_KEY, firestore, redis
 from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from pyloto_corp.session_store.redis import RedisSessionInterface
@@ -71,7 +71,7 @@ def test_error_lists_every_problem_and_no_secret() -> None:
         environment="production",
         session_store_backend="redis",
         secret_key="short-secret-value",
-        redis_url="http://:redis-password-42@cache:6379",
+        store=redis.Options(url="http://:redis-password-42@cache:6379"),
         whatsapp_access_token="EAAG-token-999",
         session_cookie_secure=False,
     )
@@ -114,15 +114,15 @@ def test_production_with_redis_binds_flask_session_without_connecting() -> None:
         environment="production",
         session_store_backend="redis",
         secret_key=SECRET,
-        redis_url="redis://:pw@127.0.0.1:1/0",
+        store=redis.Options(url="redis://:pw@127.0.0.1:1/0"),
     )
     SessionStore(app, settings)
     interface = app.session_interface
     assert isinstance(interface, RedisSessionInterface)
     kwargs = interface.client.connection_pool.connection_kwargs
-    assert kwargs["socket_timeout"] == settings.redis_socket_timeout
-    assert kwargs["socket_connect_timeout"] == settings.redis_connect_timeout
-    assert kwargs["retry"].get_retries() == 2
+    assert kwargs["socket_timeout"] == redis.Options().socket_timeout
+    assert kwargs["socket_connect_timeout"] == redis.Options().connect_timeout
+    assert kwargs["retry"].get_retries() == 1
     assert "pw" not in interface.display_url
 
 
@@ -131,7 +131,11 @@ def test_caller_may_pass_its_own_redis_client(redis_server: RedisServer) -> None
     app = Flask(__name__)
     SessionStore(
         app,
-        Settings(environment="test", session_store_backend="redis", redis_url=redis_server.url),
+        Settings(
+            environment="test",
+            session_store_backend="redis",
+            store=redis.Options(url=redis_server.url),
+        ),
         client=client,
     )
     assert app.session_interface.client is client
@@ -147,7 +151,7 @@ def test_production_with_firestore_boots_without_touching_google(
     settings = Settings(
         environment="production",
         session_store_backend="firestore",
-        firestore_project="demo-project",
+        store=firestore.Options(project="demo-project"),
         secret_key=SECRET,
     )
     SessionStore(app, settings)

@@ -157,7 +157,7 @@ def test_firestore_document_limit_applies_whatever_session_max_bytes(
 
     client = app.test_client()
     sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
-    response = client.post("/big")
+    response = client.post("/big", headers={"Accept": "application/json"})
     assert response.status_code == 500
     assert response.json is not None
     assert response.json["error"] == "session_too_large"
@@ -214,7 +214,10 @@ def test_unreachable_firestore_answers_503_fast_and_logs_once(
     }
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1
-    assert "Firestore session store (collection 'sessions') failed" in errors[0].getMessage()
+    assert (
+        "Firestore session store (database '(default)', collection 'sessions') failed"
+        in errors[0].getMessage()
+    )
     assert "some-session-id" not in caplog.text
     readiness = app.test_client().get("/readyz")
     assert readiness.status_code == 503

@@ -1,0 +1,607 @@
+"""The session codec: exact round-trips (checked against Flask's own cookie serializer),
+refusals that name the key and the type but never the value, records of the previous release,
+and ValueError for anything else."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import uuid
+from collections import OrderedDict, defaultdict, namedtuple
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from enum import Enum, IntEnum, StrEnum
+from types import MappingProxyType
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+from flask.json.tag import TaggedJSONSerializer
+from flask.sessions import SecureCookieSession
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from markupsafe import Markup
+
+from pyloto_corp.errors import UnstorableValue
+from pyloto_corp.session_store.codec import (
+    MARKER,
+    MAX_DEPTH,
+    dumps,
+    loads,
+    pack_value,
+    unpack_value,
+)
+
+SECRET = "hunter2-do-not-log"
+
+# The autouse environment fixture is function-scoped but harmless to share between examples.
+HYPOTHESIS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def assert_same(actual: Any, expected: Any, path: str = "session") -> None:
+    """Equal value AND identical type at every level (``==`` alone would accept a list for a
+    tuple, a str for a Markup, an aware datetime for a naive one, 0.0 for -0.0)."""
+    assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
+    if isinstance(expected, float):
+        if math.isnan(expected):
+            assert math.isnan(actual), path
+        else:
+            assert actual == expected, path
+            assert math.copysign(1, actual) == math.copysign(1, expected), f"{path}: sign of 0"
+    elif isinstance(expected, datetime):
+        # Field by field: == between different tzinfo objects is False at ambiguous wall times.
+        assert actual.replace(tzinfo=None) == expected.replace(tzinfo=None), path
+        assert (actual.tzinfo is None) == (expected.tzinfo is None), f"{path}: naivety"
+        assert actual.utcoffset() == expected.utcoffset(), f"{path}: UTC offset"
+        assert actual.fold == expected.fold, f"{path}: fold"
+    elif isinstance(expected, list | tuple):
+        assert len(actual) == len(expected), path
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(got, want, f"{path}[{index}]")
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), f"{path}: keys (and their order)"
+        for key, want in expected.items():
+            assert type(next(k for k in actual if k == key)) is type(key), f"{path}: key type"
+            assert_same(actual[key], want, f"{path}[{key!r}]")
+    else:
+        assert actual == expected, path
+
+
+def roundtrip(value: Any) -> Any:
+    return loads(dumps({"v": value}))["v"]
+
+
+class Html:
+    """Not a Markup, but renders itself as HTML: stored as Markup, as Flask's TagMarkup does."""
+
+    def __html__(self) -> str:
+        return "<em>rendered</em>"
+
+
+class MarkupSubclass(Markup):
+    pass
+
+
+PARIS = ZoneInfo("Europe/Paris")
+IST = timezone(timedelta(hours=5, minutes=30))
+
+# (value, what comes back); None: the value itself.
+ROUND_TRIPS: dict[str, tuple[Any, Any]] = {
+    "str": ("hello", None),
+    "empty str": ("", None),
+    "unicode str": ("héllo ✓ 𝄞 日本", None),
+    "zero": (0, None),
+    "negative int": (-1, None),
+    "int64 min": (-(2**63), None),
+    "int64 max": (2**63 - 1, None),
+    "uint64 max": (2**64 - 1, None),
+    "2**64": (2**64, None),
+    "-2**64": (-(2**64), None),
+    "just below int64": (-(2**63) - 1, None),
+    "2**200": (2**200, None),
+    "-2**200": (-(2**200), None),
+    "float": (1.5, None),
+    "negative zero": (-0.0, None),
+    "inf": (math.inf, None),
+    "-inf": (-math.inf, None),
+    "nan": (math.nan, None),
+    "true": (True, None),
+    "false": (False, None),
+    "none": (None, None),
+    "bytes": (b"\x00\xffbinary", None),
+    "empty bytes": (b"", None),
+    "list": ([1, "two", 3.0, None], None),
+    "empty list": ([], None),
+    "dict": ({"a": 1, "b": {"c": [1, 2]}}, None),
+    "empty dict": ({}, None),
+    "tuple": ((1, "two", None), None),
+    "empty tuple": ((), None),
+    "one-tuple": ((1,), None),
+    "nested tuples": (((1, (2, (3,))), [4, (5, {"six": (6,)})]), None),
+    "tuple of special types": (
+        (Markup("<b>x</b>"), uuid.UUID(int=7), datetime(2024, 1, 2), 2**100),
+        None,
+    ),
+    "Markup": (Markup("<b>bold</b> &amp; safe"), None),
+    "Markup subclass": (MarkupSubclass("<i>x</i>"), Markup("<i>x</i>")),
+    "__html__ object": (Html(), Markup("<em>rendered</em>")),
+    "UUID": (uuid.UUID("12345678-1234-5678-1234-567812345678"), None),
+    "naive datetime": (datetime(2025, 11, 24, 16, 0, 0, 123456), None),
+    "naive datetime, fold=1": (datetime(2025, 10, 26, 2, 30, fold=1), None),
+    "datetime.min": (datetime.min, None),
+    "datetime.max": (datetime.max, None),
+    "UTC datetime": (datetime(2025, 11, 24, 16, 0, 0, 1, tzinfo=UTC), None),
+    "+05:30 datetime": (datetime(2025, 11, 24, 21, 30, 0, 999999, tzinfo=IST), None),
+    "-03:30 datetime": (
+        datetime(2025, 1, 1, tzinfo=timezone(-timedelta(hours=3, minutes=30))),
+        None,
+    ),
+    "sub-minute offset": (
+        datetime(1900, 1, 1, tzinfo=timezone(timedelta(minutes=9, seconds=21, microseconds=5))),
+        None,
+    ),
+    "ZoneInfo datetime": (
+        datetime(2025, 7, 14, 12, 0, 0, 42, tzinfo=PARIS),
+        datetime(2025, 7, 14, 12, 0, 0, 42, tzinfo=timezone(timedelta(hours=2))),
+    ),
+    "flashes": (
+        [("message", "Saved"), ("error", Markup("<b>Could not</b> save")), ("info", "x")],
+        None,
+    ),
+}
+
+
+def _expected(value: Any, expected: Any) -> Any:
+    return value if expected is None else expected
+
+
+@pytest.mark.parametrize(("value", "expected"), ROUND_TRIPS.values(), ids=ROUND_TRIPS.keys())
+def test_round_trip_keeps_value_and_type(value: Any, expected: Any) -> None:
+    assert_same(roundtrip(value), _expected(value, expected))
+    nested = {"outer": [{"inner": (value,)}]}
+    assert_same(roundtrip(nested), {"outer": [{"inner": (_expected(value, expected),)}]})
+
+
+@pytest.mark.parametrize(("value", "expected"), ROUND_TRIPS.values(), ids=ROUND_TRIPS.keys())
+def test_pack_value_round_trips_one_value(value: Any, expected: Any) -> None:
+    packed = pack_value("key", value)
+    assert packed.startswith(MARKER)
+    assert_same(unpack_value(packed), _expected(value, expected))
+
+
+def test_a_whole_session_round_trips_in_order() -> None:
+    session = {
+        "_permanent": True,
+        "_created_at": 1764000000,
+        "_flashes": [("message", Markup("<b>Welcome</b> back")), ("error", "Bad input")],
+        "user_id": uuid.uuid4(),
+        "last_seen": datetime.now(UTC),
+        "cart": [{"sku": "A-1", "qty": 2, "price": 9.99}],
+        "csrf": b"\x01\x02",
+    }
+    record = dumps(session)
+    assert record.startswith(MARKER)
+    assert_same(loads(record), session)
+
+
+def test_zoneinfo_datetime_comes_back_as_the_same_instant_with_a_fixed_offset() -> None:
+    original = datetime(2025, 10, 26, 2, 30, fold=1, tzinfo=PARIS)  # the second 02:30 (CET)
+    back = roundtrip(original)
+    assert back.tzinfo == timezone(timedelta(hours=1))
+    assert back.utcoffset() == original.utcoffset()
+    assert back.astimezone(UTC) == original.astimezone(UTC)
+    assert back.astimezone(PARIS).replace(tzinfo=None) == original.replace(tzinfo=None)
+
+
+def test_top_level_may_be_any_mapping_such_as_flasks_session_class() -> None:
+    # Only the session object itself may be a dict subclass (it always is); values may not.
+    assert_same(loads(dumps(SecureCookieSession({"a": (1,)}))), {"a": (1,)})
+    assert_same(loads(dumps(MappingProxyType({"b": [2]}))), {"b": [2]})
+
+
+def test_nesting_up_to_the_limit_is_stored() -> None:
+    value: Any = "leaf"
+    for _ in range(MAX_DEPTH - 1):  # the leaf sits MAX_DEPTH levels below the session
+        value = [value]
+    assert_same(roundtrip(value), value)
+
+
+# --- against Flask's own cookie serializer -------------------------------------------------
+
+FLASK_SUPPORTED: dict[str, Any] = {
+    "str": "héllo",
+    "int": 42,
+    "big int": 2**200,
+    "negative big int": -(2**70),
+    "float": 0.25,
+    "bool": True,
+    "none": None,
+    "list": [1, [2, "three"]],
+    "dict": {"a": {"b": 1}},
+    "tuple": (1, ("two", 3)),
+    "bytes": b"\x00\xff",
+    "Markup": Markup("<b>safe</b>"),
+    "UUID": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "flashes": [("message", "Saved"), ("error", Markup("<i>Oops</i>"))],
+    "mixed": {"t": (b"x", Markup("<p>"), uuid.UUID(int=1)), "l": [(), {}]},
+}
+
+
+@pytest.mark.parametrize("value", FLASK_SUPPORTED.values(), ids=FLASK_SUPPORTED.keys())
+def test_same_result_as_flasks_tagged_json_serializer(value: Any) -> None:
+    # TaggedJSONSerializer needs no app context for these types (it falls back to json).
+    flask = TaggedJSONSerializer()
+    from_flask = flask.loads(flask.dumps({"v": value}))["v"]
+    assert_same(roundtrip(value), from_flask)
+    assert_same(from_flask, value)
+
+
+def test_html_objects_are_stored_as_markup_like_flask_does() -> None:
+    flask = TaggedJSONSerializer()
+    from_flask = flask.loads(flask.dumps({"v": Html()}))["v"]
+    assert_same(from_flask, Markup("<em>rendered</em>"))
+    assert_same(roundtrip(Html()), from_flask)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2025, 11, 24, 16, 0, 0, 123456),
+        datetime(2025, 11, 24, 21, 30, 0, 999999, tzinfo=IST),
+    ],
+    ids=["naive", "aware +05:30"],
+)
+def test_datetimes_are_exact_where_flask_is_lossy(value: datetime) -> None:
+    flask = TaggedJSONSerializer()
+    from_flask = flask.loads(flask.dumps({"v": value}))["v"]
+    # Flask stores an HTTP date: no microseconds, and always aware UTC.
+    assert from_flask.microsecond == 0
+    assert from_flask.tzinfo is not None
+    assert from_flask.utcoffset() == timedelta(0)
+    assert from_flask.replace(tzinfo=None) != value.replace(tzinfo=None)
+    assert_same(roundtrip(value), value)
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+class Color(StrEnum):
+    RED = SECRET
+
+
+class Level(IntEnum):
+    HIGH = 3
+
+
+class Plain(Enum):
+    ONE = SECRET
+
+
+class Name(str):
+    pass
+
+
+class Items(list[Any]):
+    pass
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return SECRET
+
+
+Point = namedtuple("Point", "x y")
+
+
+class LocalDateTime(datetime):
+    pass
+
+
+# (session, where the message must point, type named in it)
+REFUSED: dict[str, tuple[dict[Any, Any], str, str]] = {
+    "set": ({"cart": ["a", "b", {SECRET}]}, "session['cart'][2] is a set", "store a list"),
+    "frozenset": ({"f": frozenset({SECRET})}, "session['f'] is a frozenset", "store a list"),
+    "StrEnum": ({"color": Color.RED}, "session['color'] is a Color enum member", ".value"),
+    "IntEnum": ({"level": Level.HIGH}, "session['level'] is a Level enum member", ".value"),
+    "Enum": ({"one": Plain.ONE}, "session['one'] is a Plain enum member", ".value"),
+    "OrderedDict": (
+        {"o": OrderedDict(token=SECRET)},
+        "session['o'] is an OrderedDict (a dict subclass)",
+        "plain dict",
+    ),
+    "defaultdict": (
+        {"d": defaultdict(list, token=[SECRET])},
+        "session['d'] is a defaultdict (a dict subclass)",
+        "plain dict",
+    ),
+    "list subclass": ({"i": Items([SECRET])}, "session['i'] is an Items (a list subclass)", "list"),
+    "str subclass": ({"n": Name(SECRET)}, "session['n'] is a Name (a str subclass)", "plain str"),
+    "namedtuple": ({"p": Point(SECRET, 1)}, "session['p'] is a Point (a tuple subclass)", "tuple"),
+    "datetime subclass": (
+        {"at": LocalDateTime(2025, 1, 1)},
+        "session['at'] is a LocalDateTime (a datetime subclass)",
+        "plain datetime",
+    ),
+    "bytearray": ({"b": bytearray(SECRET, "ascii")}, "session['b'] is a bytearray", "bytes"),
+    "memoryview": ({"m": memoryview(SECRET.encode())}, "session['m'] is a memoryview", "bytes"),
+    "date": ({"day": date(2025, 1, 1)}, "session['day'] is a date", "datetime"),
+    "time": ({"t": time(12, 0)}, "session['t'] is a time", "str()"),
+    "timedelta": ({"td": timedelta(1)}, "session['td'] is a timedelta", "str()"),
+    "Decimal": ({"price": Decimal("1.10")}, "session['price'] is a Decimal", "str()"),
+    "complex": ({"z": 1j}, "session['z'] is a complex", "supported types"),
+    "custom object": ({"obj": Opaque()}, "session['obj'] is an Opaque", "supported types"),
+    "in a tuple": ({"t": (1, {SECRET})}, "session['t'][1] is a set", "list"),
+    "deep in dicts": ({"a": {"b": [0, {"c": {SECRET}}]}}, "session['a']['b'][1]['c']", "set"),
+    "in a flash": ({"_flashes": [("message", Opaque())]}, "session['_flashes'][0][1]", "Opaque"),
+    "lone surrogate": ({"s": "x\ud800"}, "session['s'] is a str with a lone surrogate", "UTF"),
+}
+
+
+@pytest.mark.parametrize(("session", "where", "hint"), REFUSED.values(), ids=REFUSED.keys())
+def test_unstorable_values_are_refused_naming_path_and_type_not_value(
+    session: dict[Any, Any], where: str, hint: str
+) -> None:
+    with pytest.raises(UnstorableValue) as refused:
+        dumps(session)
+    message = str(refused.value)
+    assert where in message
+    assert hint in message
+    assert SECRET not in message
+    assert isinstance(refused.value, TypeError)
+    assert "(supported: str, int, float, bool, None, bytes, list, tuple" in message or (
+        "surrogate" in message
+    )
+
+
+def test_the_documented_message_for_a_set() -> None:
+    with pytest.raises(UnstorableValue) as refused:
+        dumps({"cart": ["a", "b", {SECRET}]})
+    assert str(refused.value) == (
+        "session['cart'][2] is a set, which the session cannot store exactly; store a list"
+        " (supported: str, int, float, bool, None, bytes, list, tuple, dict with str keys,"
+        " Markup, UUID, datetime)."
+    )
+
+
+BAD_KEYS: dict[str, tuple[dict[Any, Any], str]] = {
+    "int key": (
+        {42: "x"},
+        "session key 42 is an int; session keys (and keys of nested dicts) must be str.",
+    ),
+    "None key": ({None: "x"}, "session key None is a NoneType;"),
+    "enum key": ({Level.HIGH: "x"}, "session key <Level.HIGH: 3> is a Level enum member;"),
+    "nested int key": (
+        {"prefs": {1: "x"}},
+        "session['prefs'] has key 1, an int; session keys (and keys of nested dicts) must be str.",
+    ),
+    "nested bytes key": ({"p": {SECRET.encode(): 1}}, "session['p'] has a key of type bytes;"),
+    "nested tuple key": ({"p": [{(SECRET,): 1}]}, "session['p'][0] has a key of type tuple;"),
+    "str subclass key": ({Name(SECRET): 1}, "a session key is a Name (a str subclass);"),
+    "surrogate key": ({"ok": {"\udcff": 1}}, "a key of session['ok'] is a str with a lone"),
+}
+
+
+@pytest.mark.parametrize(("session", "expected"), BAD_KEYS.values(), ids=BAD_KEYS.keys())
+def test_keys_must_be_exactly_str(session: dict[Any, Any], expected: str) -> None:
+    with pytest.raises(UnstorableValue) as refused:
+        dumps(session)
+    message = str(refused.value)
+    assert expected in message
+    assert SECRET not in message
+
+
+def test_pack_value_applies_the_same_rules() -> None:
+    with pytest.raises(UnstorableValue, match=r"^session\['cart'\]\[0\] is a set"):
+        pack_value("cart", [{SECRET}])
+    with pytest.raises(UnstorableValue, match="session key 7 is an int"):
+        pack_value(7, "x")  # type: ignore[arg-type]
+
+
+def _nest_lists(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 1000, 100_000])
+def test_pathological_nesting_is_refused_not_a_recursion_error(depth: int) -> None:
+    with pytest.raises(UnstorableValue, match=r"^session\['deep'\]\[0\]\[0\]\.\.\. nests more"):
+        dumps({"deep": _nest_lists(depth)})
+
+
+def test_self_referencing_containers_are_refused() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    for session in ({"loop": loop}, {"cycle": cycle}, {"t": (loop,)}):
+        with pytest.raises(UnstorableValue, match="contains itself"):
+            dumps(session)
+
+
+# --- records of the previous release -------------------------------------------------------
+
+
+def test_previous_release_records_load_unchanged() -> None:
+    stored = {"counter": 2, "_permanent": True, "_created_at": 1764000000}
+    stored["_flashes"] = [["message", "hi"]]
+    record = msgspec.msgpack.encode(stored)
+    assert not record.startswith(MARKER)
+    loaded = loads(record)
+    assert_same(loaded, stored)  # lists stay lists: the old format had no tuples
+    assert_same(loads(dumps(loaded)), stored)  # and they are rewritten in the new format
+
+
+def test_previous_release_aware_datetimes_still_load() -> None:
+    # The old encoder wrote aware datetimes as msgpack timestamps; msgspec reads them as UTC.
+    at = datetime(2025, 11, 24, 16, 0, 0, 5, tzinfo=UTC)
+    assert_same(loads(msgspec.msgpack.encode({"at": at})), {"at": at})
+
+
+def test_no_previous_release_record_starts_with_the_marker() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        msgspec.msgpack.decode(MARKER[:1])
+
+
+# --- not a record --------------------------------------------------------------------------
+
+_enc = msgspec.msgpack.encode
+_Ext = msgspec.msgpack.Ext
+
+
+def _new(payload: Any) -> bytes:
+    return MARKER + _enc(payload)
+
+
+def _nested_tuple_exts(depth: int) -> bytes:
+    inner = _enc([])
+    for _ in range(depth):
+        inner = _enc([_Ext(1, inner)])
+    return MARKER + _enc({"t": _Ext(1, inner)})
+
+
+NOT_RECORDS: dict[str, bytes] = {
+    "empty": b"",
+    "garbage": b"\xff\xfe garbage " + SECRET.encode(),
+    "pickle": pickle.dumps({"a": 1}),
+    "msgpack list": b"\x92\x01\x02",
+    "msgpack str": _enc(SECRET),
+    "map with int keys": _enc({1: 2}),
+    "truncated map": _enc({"a": SECRET})[:-3],
+    "trailing bytes": _enc({"a": 1}) + b"\x00",
+    "old record with an ext": _enc({"a": _Ext(1, b"")}),
+    "old record, invalid utf-8": b"\x81\xa1a\xa2\xff\xfe",
+    "marker only": MARKER,
+    "marker + garbage": MARKER + b"garbage " + SECRET.encode(),
+    "marker + list": _new([SECRET]),
+    "marker + pickle": MARKER + pickle.dumps({"a": 1}),
+    "marker + trailing bytes": dumps({"a": 1}) + b"\x00",
+    "marker + unknown ext": _new({"a": _Ext(99, SECRET.encode())}),
+    "marker + negative ext": _new({"a": _Ext(-5, b"x")}),
+    "marker + invalid utf-8 key": MARKER + b"\x81\xa2\xff\xfe\x01",
+    "bad Markup ext": _new({"m": _Ext(2, b"\xff" + SECRET.encode())}),
+    "bad UUID ext": _new({"u": _Ext(3, b"short")}),
+    "tuple ext not a list": _new({"t": _Ext(1, _enc({"a": 1}))}),
+    "tuple ext garbage": _new({"t": _Ext(1, b"\xc1")}),
+    "datetime ext garbage": _new({"d": _Ext(4, b"\x00")}),
+    "datetime ext, month 13": _new({"d": _Ext(4, _enc([2025, 13, 1, 0, 0, 0, 0, 0, None]))}),
+    "datetime ext, fold 2": _new({"d": _Ext(4, _enc([2025, 1, 1, 0, 0, 0, 0, 2, None]))}),
+    "datetime ext, offset 24h": _new(
+        {"d": _Ext(4, _enc([2025, 1, 1, 0, 0, 0, 0, 0, 86_400_000_000]))}
+    ),
+    "datetime ext, huge offset": _new({"d": _Ext(4, _enc([2025, 1, 1, 0, 0, 0, 0, 0, 2**63]))}),
+    "datetime ext, year overflow": _new({"d": _Ext(4, _enc([2**62, 1, 1, 0, 0, 0, 0, 0, None]))}),
+    "deeply nested arrays": MARKER + b"\x81\xa1a" + b"\x91" * 100_000 + b"\x01",
+    "deeply nested tuple exts": _nested_tuple_exts(5_000),
+}
+
+
+@pytest.mark.parametrize("raw", NOT_RECORDS.values(), ids=NOT_RECORDS.keys())
+def test_anything_else_is_a_value_error_without_data(raw: bytes) -> None:
+    with pytest.raises(ValueError, match=r"^not a valid session record$"):
+        loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", _enc("x"), dumps({"a": 1})[2:], MARKER + b"\xc1", _new(_Ext(99, b""))],
+    ids=["empty", "no marker", "old format", "garbage", "unknown ext"],
+)
+def test_unpack_value_rejects_anything_else(raw: bytes) -> None:
+    with pytest.raises(ValueError, match=r"^not a valid session value record$"):
+        unpack_value(raw)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+offsets = st.timedeltas(
+    min_value=-timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
+    max_value=timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
+)
+tzinfos = st.none() | st.timezones() | st.builds(timezone, offsets)
+scalars = (
+    st.text()
+    | st.integers()
+    | st.integers(min_value=-(2**300), max_value=2**300)
+    | st.floats(allow_nan=False)
+    | st.booleans()
+    | st.none()
+    | st.binary()
+    | st.uuids()
+    | st.datetimes(timezones=tzinfos)
+    | st.text().map(Markup)
+)
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.lists(children, max_size=5).map(tuple)
+        | st.dictionaries(st.text(), children, max_size=5)
+    ),
+    max_leaves=15,
+)
+sessions = st.dictionaries(st.text(), values, max_size=6)
+
+
+def _as_stored(value: Any) -> Any:
+    """What an exact round-trip returns: the same, except that a zone becomes a fixed offset."""
+    if isinstance(value, datetime) and (offset := value.utcoffset()) is not None:
+        return value.replace(tzinfo=timezone(offset))
+    if isinstance(value, list):
+        return [_as_stored(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_as_stored(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_stored(item) for key, item in value.items()}
+    return value
+
+
+@HYPOTHESIS
+@given(session=sessions)
+def test_any_supported_session_round_trips_exactly(session: dict[str, Any]) -> None:
+    loaded = loads(dumps(session))
+    assert_same(loaded, session)
+    assert_same(loaded, _as_stored(session))
+    assert dumps(loaded) == dumps(session)
+
+
+@HYPOTHESIS
+@given(key=st.text(), value=values)
+def test_any_supported_value_round_trips_alone(key: str, value: Any) -> None:
+    assert_same(unpack_value(pack_value(key, value)), value)
+
+
+def _loads_or_value_error(raw: bytes) -> None:
+    message = None
+    try:
+        result = loads(raw)
+    except ValueError as exc:  # the only error allowed, and it carries no data
+        message = str(exc)
+    else:
+        assert type(result) is dict
+        assert all(type(key) is str for key in result)
+    assert message in (None, "not a valid session record")
+
+
+@HYPOTHESIS
+@given(raw=st.binary(max_size=200), marked=st.booleans())
+def test_arbitrary_bytes_load_or_raise_value_error(raw: bytes, marked: bool) -> None:
+    _loads_or_value_error(MARKER + raw if marked else raw)
+
+
+@HYPOTHESIS
+@given(session=sessions, data=st.data())
+def test_corrupted_records_load_or_raise_value_error(
+    session: dict[str, Any], data: st.DataObject
+) -> None:
+    record = bytearray(dumps(session))
+    index = data.draw(st.integers(min_value=0, max_value=len(record) - 1))
+    record[index] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(record)))
+    _loads_or_value_error(bytes(record[:cut]))
