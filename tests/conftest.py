@@ -11,7 +11,7 @@ from flask import Flask
 
 from pyloto_corp import create_app
 from pyloto_corp.config.settings import BACKENDS, Settings, Var, backend_options
-from tests.services import FirestoreEmulator, RedisServer
+from tests.services import FirestoreEmulator, RedisClusterNodes, RedisServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
 SECRET = "s3cr3t-" + "k" * 40
@@ -112,3 +112,14 @@ def firestore_client(firestore_env: dict[str, str]) -> Iterator[Any]:
     client = firestore.Client(project=firestore_env["FIRESTORE_PROJECT"])
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A 3-primary Redis Cluster, started once per test session (about 2 s)."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

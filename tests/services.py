@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import redis
+import redis.cluster
 
 
 def free_port() -> int:
@@ -25,6 +26,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
@@ -89,6 +105,77 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of ``primaries`` redis-server processes (``cluster-enabled yes``, one data
+    dir each) joined by ``redis-cli --cluster create``; no replicas unless asked."""
+
+    def __init__(self, workdir: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            raise RuntimeError("redis-server/redis-cli are not installed; run `make test`.")
+        self.binary, self.cli = binary, cli
+        self.workdir = workdir
+        self.replicas = replicas
+        self.ports = [_free_cluster_port() for _ in range(primaries * (1 + replicas))]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        for port in self.ports:
+            node_dir = self.workdir / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            args = [self.binary, "--port", str(port), "--bind", "127.0.0.1"]
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            args += ["--cluster-node-timeout", "2000", "--dir", str(node_dir)]
+            args += ["--save", "", "--appendonly", "no"]
+            self.processes.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2)
+
+            def ready(client: redis.Redis = client) -> bool:
+                try:
+                    return bool(client.ping())
+                except redis.ConnectionError:
+                    return False
+
+            wait_until(ready, 10, f"cluster node on port {port}")
+            client.close()
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", str(self.replicas)]
+            + ["--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        probe = redis.Redis(port=self.ports[0], socket_timeout=2)
+
+        def cluster_ok() -> bool:
+            info = probe.execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            return "cluster_state:ok" in text
+
+        try:
+            wait_until(cluster_ok, 20, "Redis Cluster state ok")
+        finally:
+            probe.close()
+
+    def client(self) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster.from_url(self.url, socket_timeout=2)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(timeout=10)
+        self.processes = []
 
 
 class FirestoreEmulator:

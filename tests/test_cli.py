@@ -124,3 +124,21 @@ def test_check_works_even_when_the_app_cannot_be_built(prefix: list[str]) -> Non
     ok = _subprocess([*prefix, "check"], ENV="development")
     assert ok.returncode == 0, ok.stderr
     assert "valid for environment 'development'" in ok.stdout
+
+
+def test_info_and_ping_use_the_store_of_the_loaded_app(redis_server: RedisServer) -> None:
+    """The app sets its store in app.config; the environment says nothing about it."""
+    prefix = ["-m", "flask", "--app", "tests.cli_app", "session-store"]
+    info = _subprocess([*prefix, "info", "--json"], CLI_APP_REDIS_URL=redis_server.url)
+    assert info.returncode == 0, info.stderr
+    values = json.loads(info.stdout)
+    assert values["SESSION_STORE_BACKEND"] == "redis"
+    assert values["SESSION_KEY_PREFIX"] == "cliapp:"
+    assert values["SECRET_KEY"] == "***"
+    assert "cli-app-own-secret" not in info.stdout
+    ping = _subprocess([*prefix, "ping"], CLI_APP_REDIS_URL=redis_server.url)
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.startswith("redis answered in ")
+    down = _subprocess([*prefix, "ping"], CLI_APP_REDIS_URL=f"redis://127.0.0.1:{free_port()}")
+    assert down.returncode == 1
+    assert "Redis session store at redis://127.0.0.1" in down.stderr

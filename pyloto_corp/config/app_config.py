@@ -51,8 +51,9 @@ REFUSED_FLASK_SESSION_KEYS: Final = {
 
 def own_variables(backend: str | None) -> tuple[str, ...]:
     """The extension's variables that ``app.config`` may carry (the chosen backend's too)."""
-    names = tuple(value for name, value in vars(Var).items() if name.isupper())
-    names = tuple(n for n in names if n not in {v for _, v in FLASK_KEYS.values()} | {Var.ENV})
+    names = tuple(
+        value for name, value in vars(Var).items() if name.isupper() and value not in FLASK_KEYS
+    )
     if backend in BACKENDS:
         names += backend_options(backend).VARIABLES
     return names

@@ -45,11 +45,12 @@ MARKER: Final = b"\xc1\x01"
 #: Deepest nesting accepted; deeper (or self-containing) values are refused, not a RecursionError.
 MAX_DEPTH: Final = 64
 
-EXT_TUPLE: Final = 1
-EXT_MARKUP: Final = 2
-EXT_UUID: Final = 3
-EXT_DATETIME: Final = 4
-EXT_BIG_INT: Final = 5
+# Extension codes and their payloads. Fixed forever: stored records depend on them.
+EXT_TUPLE: Final = 1  # msgpack array of the items, themselves in this format
+EXT_MARKUP: Final = 2  # the text, UTF-8
+EXT_UUID: Final = 3  # msgpack bin of the 16 bytes
+EXT_DATETIME: Final = 4  # msgpack array: _DateTimeFields
+EXT_BIG_INT: Final = 5  # big-endian two's complement, for ints outside msgpack's 64 bits
 
 _INT_MIN: Final = -(2**63)
 _UINT_MAX: Final = 2**64 - 1

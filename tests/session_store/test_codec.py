@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from markupsafe import Markup
 
 from pyloto_corp.errors import UnstorableValue
+from pyloto_corp.session_store import codec
 from pyloto_corp.session_store.codec import (
     MARKER,
     MAX_DEPTH,
@@ -196,6 +197,13 @@ def test_zoneinfo_datetime_comes_back_as_the_same_instant_with_a_fixed_offset() 
     assert back.utcoffset() == original.utcoffset()
     assert back.astimezone(UTC) == original.astimezone(UTC)
     assert back.astimezone(PARIS).replace(tzinfo=None) == original.replace(tzinfo=None)
+
+
+def test_many_distinct_offsets_come_back_right_and_do_not_grow_the_cache() -> None:
+    for minutes in range(-1000, 1000, 5):
+        at = datetime(2025, 1, 1, tzinfo=timezone(timedelta(minutes=minutes)))
+        assert_same(roundtrip(at), at)
+    assert len(codec._timezones) <= codec._MAX_CACHED_TIMEZONES
 
 
 def test_top_level_may_be_any_mapping_such_as_flasks_session_class() -> None:

@@ -16,9 +16,12 @@ import pytest
 from flask import Flask, session
 from werkzeug.test import TestResponse
 
+from pyloto_corp.config.settings import Settings
 from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
-from tests.conftest import MakeApp
+from pyloto_corp.views import bp
+from tests.conftest import SECRET, MakeApp
 
 
 @dataclass
@@ -82,7 +85,41 @@ def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
     return Harness("firestore", lambda: make_app(**environ), read, write)
 
 
-HARNESSES = {"memory": _memory, "redis": _redis, "firestore": _firestore}
+def _redis_cluster(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    """The redis backend driving a caller's ``RedisCluster`` client, used as given."""
+    nodes = request.getfixturevalue("redis_cluster")
+    client = nodes.client()
+    request.addfinalizer(client.close)
+    for node in client.get_primaries():
+        client.flushall(target_nodes=node)
+
+    def make() -> Flask:
+        app = Flask("cluster_app")
+        app.testing = True
+        settings = Settings(
+            environment="production",
+            secret_key=SECRET,
+            session_store_backend="redis",
+            store=redis_backend.Options(url=nodes.url),
+        )
+        SessionStore(app, settings, client=client)
+        app.register_blueprint(bp)
+        return app
+
+    return Harness(
+        "redis_cluster",
+        make,
+        lambda app, key: client.get(key),
+        lambda app, key, data: client.set(key, data, ex=600),
+    )
+
+
+HARNESSES = {
+    "memory": _memory,
+    "redis": _redis,
+    "redis_cluster": _redis_cluster,
+    "firestore": _firestore,
+}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -349,3 +386,27 @@ def test_session_ids_are_256_bits_from_secrets(
     sid = _sid(backend.make().test_client().post("/session/counter"))
     assert issued[sid] == 32
     assert len(sid) == 43  # 32 bytes, base64url without padding
+
+
+def test_a_session_stored_by_the_previous_release_keeps_working(backend: Harness) -> None:
+    """A deploy must not log anyone out: the previous release stored plain msgpack maps
+    (tuples as lists); such a record is read, and rewritten in the new format on its next
+    change."""
+    import msgspec
+
+    from pyloto_corp.session_store import codec
+
+    app = backend.make()
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    old = {"counter": 41, "_permanent": True, "_created_at": int(time.time()) - 60}
+    old["_flashes"] = [["message", "Saved"]]  # type: ignore[assignment]
+    backend.write_raw(app, backend.store_id(app, sid), msgspec.msgpack.encode(old))
+    assert client.get("/session/counter").json == {"counter": 41}
+    assert backend.read_raw(app, backend.store_id(app, sid)) == msgspec.msgpack.encode(old)
+    assert client.post("/session/counter").json == {"counter": 42}
+    upgraded = backend.read_raw(app, backend.store_id(app, sid))
+    assert upgraded is not None
+    assert upgraded.startswith(codec.MARKER)
+    assert codec.loads(upgraded)["_flashes"] == [["message", "Saved"]]
+    assert client.get("/session/counter").json == {"counter": 42}

@@ -13,7 +13,7 @@ from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import SECRET
-from tests.services import RedisServer
+from tests.services import RedisClusterNodes, RedisServer
 
 
 def test_init_app_registers_state_in_app_extensions() -> None:
@@ -157,3 +157,48 @@ def test_production_with_firestore_boots_without_touching_google(
     SessionStore(app, settings)
     assert isinstance(app.session_interface, FirestoreSessionInterface)
     assert app.session_interface._client is None
+
+
+def test_a_client_that_is_not_redis_py_is_refused_not_replaced() -> None:
+    settings = Settings(
+        environment="test", session_store_backend="redis", store=redis.Options(url="redis://r")
+    )
+    with pytest.raises(TypeError, match=r"client=dict cannot back the redis session store"):
+        SessionStore(Flask(__name__), settings, client={})
+
+
+def test_flask_sessions_session_redis_client_is_used_as_given(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    app = Flask(__name__)
+    app.config.update(SESSION_TYPE="redis", SESSION_REDIS=client, REDIS_URL=redis_server.url)
+    SessionStore(app)
+    interface = app.session_interface
+    assert isinstance(interface, RedisSessionInterface)
+    assert interface.client is client
+    client.close()
+
+
+def test_a_redis_cluster_client_is_used_as_given(redis_cluster: RedisClusterNodes) -> None:
+    client = redis_cluster.client()
+    app = Flask(__name__)
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_cluster.url)
+    SessionStore(app, client=client)
+    assert app.session_interface.client is client  # type: ignore[attr-defined]
+
+    @app.post("/set")
+    def set_value() -> dict[str, bool]:
+        from flask import session
+
+        session["user"] = "ana"
+        return {"ok": True}
+
+    @app.get("/get")
+    def get_value() -> dict[str, str | None]:
+        from flask import session
+
+        return {"user": session.get("user")}
+
+    web = app.test_client()
+    web.post("/set")
+    assert web.get("/get").json == {"user": "ana"}
+    client.close()

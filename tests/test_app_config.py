@@ -1,0 +1,160 @@
+"""The effective settings of an existing app: its own app.config first, never overwritten."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+
+from pyloto_corp import ConfigurationError, SessionStore, Settings
+from pyloto_corp.config.app_config import effective_settings
+from pyloto_corp.session_store import redis as redis_backend
+from tests.conftest import SECRET
+
+
+def _config(**values: Any) -> dict[str, Any]:
+    return {**Flask.default_config, **values}
+
+
+def test_flask_defaults_leave_the_settings_alone() -> None:
+    settings, problems = effective_settings(_config(), None, {})
+    assert (settings, problems) == (Settings(), [])
+
+
+def test_the_host_apps_own_flask_keys_are_used() -> None:
+    settings, problems = effective_settings(
+        _config(
+            SECRET_KEY="the-app's-own-key",
+            SESSION_COOKIE_NAME="my_sid",
+            SESSION_COOKIE_SAMESITE="Strict",
+            PERMANENT_SESSION_LIFETIME=timedelta(minutes=30),
+        ),
+        None,
+        {},
+    )
+    assert problems == []
+    assert settings.secret_key == "the-app's-own-key"
+    assert settings.session_cookie_name == "my_sid"
+    assert settings.session_cookie_samesite == "Strict"
+    assert settings.session_lifetime == timedelta(minutes=30)
+
+
+def test_permanent_session_lifetime_in_seconds_is_understood() -> None:
+    settings, _ = effective_settings(_config(PERMANENT_SESSION_LIFETIME=1800), None, {})
+    assert settings.session_lifetime == timedelta(seconds=1800)
+
+
+def test_extension_keys_in_app_config_come_before_the_environment() -> None:
+    settings, problems = effective_settings(
+        _config(
+            SESSION_STORE_BACKEND="Redis", REDIS_URL="redis://cache:6379/1", SESSION_LIFETIME=60
+        ),
+        None,
+        {"SESSION_STORE_BACKEND": "memory", "REDIS_URL": "redis://other:6379", "ENV": "test"},
+    )
+    assert problems == []
+    assert settings.environment == "test"
+    assert settings.session_store_backend == "redis"
+    assert settings.store == redis_backend.Options(url="redis://cache:6379/1")
+    assert settings.session_lifetime == timedelta(seconds=60)
+
+
+def test_flask_session_keys_that_mean_the_same_are_honoured() -> None:
+    settings, problems = effective_settings(
+        _config(
+            SESSION_TYPE="redis",
+            REDIS_URL="redis://cache",
+            SESSION_PERMANENT=False,
+            SESSION_KEY_PREFIX="app:",
+            SESSION_USE_SIGNER=False,
+            SESSION_SERIALIZATION_FORMAT="msgpack",
+        ),
+        None,
+        {},
+    )
+    assert problems == []
+    assert settings.session_store_backend == "redis"
+    assert settings.session_permanent is False
+    assert settings.session_key_prefix == "app:"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("SESSION_TYPE", "filesystem", "app.config['SESSION_TYPE']='filesystem'"),
+        ("SESSION_USE_SIGNER", True, "app.config['SESSION_USE_SIGNER'] (Flask-Session)"),
+        ("SESSION_CLEANUP_N_REQUESTS", 100, "SESSION_CLEANUP_N_REQUESTS"),
+        ("SESSION_SERIALIZATION_FORMAT", "json", "SESSION_SERIALIZATION_FORMAT"),
+        ("SESSION_FILE_DIR", "/tmp/s", "SESSION_FILE_DIR"),  # noqa: S108 - a config value
+        ("SESSION_REFRESH_EACH_REQUEST", False, "SESSION_REFRESH_EACH_REQUEST"),
+        ("SESSION_LIFETIME", object(), "app.config['SESSION_LIFETIME'] is a object"),
+    ],
+)
+def test_keys_that_cannot_be_honoured_are_refused_by_name(
+    key: str, value: object, fragment: str
+) -> None:
+    _, problems = effective_settings(_config(**{key: value}), None, {})
+    assert len(problems) == 1
+    assert fragment in problems[0]
+
+
+def test_a_value_set_twice_differently_is_refused_not_chosen() -> None:
+    _, problems = effective_settings(
+        _config(SESSION_COOKIE_NAME="my_sid"), None, {"SESSION_COOKIE_NAME": "other"}
+    )
+    assert problems == [
+        "app.config['SESSION_COOKIE_NAME'] and SESSION_COOKIE_NAME (from the environment or the "
+        "Settings) disagree; set it in one place."
+    ]
+    _, problems = effective_settings(
+        _config(REDIS_URL="redis://a"),
+        Settings(session_store_backend="redis", store=redis_backend.Options(url="redis://b")),
+        {},
+    )
+    assert problems == [
+        "app.config['REDIS_URL'] is set, and so are the Settings passed to init_app(); "
+        "configure the session store in one place."
+    ]
+
+
+def test_init_app_keeps_the_apps_secret_key_and_cookie_name() -> None:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k" * 40, SESSION_COOKIE_NAME="my_sid")
+    SessionStore(app, Settings(environment="test"))
+    assert app.config["SECRET_KEY"] == "k" * 40
+    assert app.config["SESSION_COOKIE_NAME"] == "my_sid"
+    response = app.test_client().get("/")
+    assert response.status_code == 404
+    assert app.session_interface.get_cookie_name(app) == "my_sid"
+
+
+def test_init_app_refuses_insecure_host_cookies_in_production() -> None:
+    app = Flask(__name__)
+    app.config.update(
+        ENV="production",
+        SECRET_KEY=SECRET,
+        SESSION_COOKIE_SAMESITE="None",
+        SESSION_COOKIE_HTTPONLY=False,
+        SESSION_STORE_BACKEND="redis",
+        REDIS_URL="redis://cache",
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(app, None)
+    assert caught.value.problems == (
+        "SESSION_COOKIE_HTTPONLY=false is refused in production: scripts must not read the "
+        "session cookie; remove the setting.",
+        "SESSION_COOKIE_SAMESITE must be Lax or Strict in production.",
+    )
+
+
+def test_flask_sessions_interface_already_installed_is_refused() -> None:
+    from flask_session import Session
+
+    app = Flask(__name__)
+    app.config.update(SESSION_TYPE="redis", SESSION_REDIS=redis.Redis())
+    Session(app)
+    with pytest.raises(RuntimeError, match="Flask-Session's Session"):
+        SessionStore(app, Settings(environment="test"))
