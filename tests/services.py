@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 import redis.cluster
@@ -149,8 +150,15 @@ class RedisClusterNodes:
             client.close()
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
-            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", str(self.replicas)]
-            + ["--cluster-yes"],
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
             check=True,
             capture_output=True,
             timeout=60,
@@ -158,7 +166,7 @@ class RedisClusterNodes:
         probe = redis.Redis(port=self.ports[0], socket_timeout=2)
 
         def cluster_ok() -> bool:
-            info = probe.execute_command("CLUSTER", "INFO")
+            info = cast(Any, probe).execute_command("CLUSTER", "INFO")
             text = info.decode() if isinstance(info, bytes) else str(info)
             return "cluster_state:ok" in text
 

@@ -88,7 +88,7 @@ def test_flask_session_keys_that_mean_the_same_are_honoured() -> None:
         ("SESSION_USE_SIGNER", True, "app.config['SESSION_USE_SIGNER'] (Flask-Session)"),
         ("SESSION_CLEANUP_N_REQUESTS", 100, "SESSION_CLEANUP_N_REQUESTS"),
         ("SESSION_SERIALIZATION_FORMAT", "json", "SESSION_SERIALIZATION_FORMAT"),
-        ("SESSION_FILE_DIR", "/tmp/s", "SESSION_FILE_DIR"),  # noqa: S108 - a config value
+        ("SESSION_FILE_DIR", "/tmp/s", "SESSION_FILE_DIR"),
         ("SESSION_REFRESH_EACH_REQUEST", False, "SESSION_REFRESH_EACH_REQUEST"),
         ("SESSION_LIFETIME", object(), "app.config['SESSION_LIFETIME'] is a object"),
     ],
