@@ -90,9 +90,16 @@ def create_host_app(config: dict[str, object] | None = None) -> Flask:
         flashes = get_flashed_messages(with_categories=True)
         return {
             "user": current_user.id if current_user.is_authenticated else "anonymous",
+            # Each entry as Flask stored it: a (category, message) tuple, the message a Markup
+            # when the view flashed one.
             "flashes": [
-                {"category": category, "message": str(message), "markup": type(message) is Markup}
-                for category, message in flashes
+                {
+                    "category": entry[0],
+                    "message": str(entry[1]),
+                    "markup": type(entry[1]) is Markup,
+                    "tuple": type(entry) is tuple,
+                }
+                for entry in flashes
             ],
             "fresh": login_fresh(),
         }

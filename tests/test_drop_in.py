@@ -14,7 +14,8 @@ import http.client
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
@@ -69,20 +70,13 @@ def _memory_exists(app: Flask, store_id: str) -> bool:
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """One backend, by name (``request.param``), configured through the host's ``app.config``.
-
-    The deployment environment is also set in the process environment: the extension reads
-    ``ENV`` from ``os.environ`` only (``app.config["ENV"]`` is Flask's old key and is ignored), as
-    on Cloud Run, where it is a service variable. Production means the host's own SECRET_KEY is
-    held to the 32-character minimum and cookies are Secure (so every request goes over https).
-    """
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """One backend, by name (``request.param``), configured through the host's ``app.config``
+    only (``ENV`` included). Production means the host's own SECRET_KEY is held to the
+    32-character minimum and cookies are Secure (so every request goes over https)."""
     name = request.param
     if name == "memory":
-        monkeypatch.setenv("ENV", "test")
-        yield Backend(name, {"ENV": "test"}, _memory_exists)
-        return
-    monkeypatch.setenv("ENV", "production")
+        return Backend(name, {"ENV": "test"}, _memory_exists)
     if name == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         client: redis.Redis = request.getfixturevalue("redis_client")  # flushed for this test
@@ -91,8 +85,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
             "SESSION_STORE_BACKEND": "redis",
             "REDIS_URL": server.url,
         }
-        yield Backend(name, config, lambda app, key: bool(client.exists(key)))
-        return
+        return Backend(name, config, lambda app, key: bool(client.exists(key)))
     assert name == "firestore"
     emulator: FirestoreEmulator = request.getfixturevalue("firestore_emulator")
     request.getfixturevalue("firestore_env")  # empties it and sets FIRESTORE_EMULATOR_HOST
@@ -102,7 +95,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         "SESSION_STORE_BACKEND": "firestore",
         "FIRESTORE_PROJECT": emulator.project,
     }
-    yield Backend(
+    return Backend(
         name, config, lambda app, key: bool(store.collection("sessions").document(key).get().exists)
     )
 
@@ -252,7 +245,9 @@ def test_login_flashes_a_markup_and_moves_the_session_to_a_new_id(backend: Backe
     me = browser.get("/me").json
     assert me == {
         "user": "ana",
-        "flashes": [{"category": "info", "message": "Welcome <b>back</b>", "markup": True}],
+        "flashes": [
+            {"category": "info", "message": "Welcome <b>back</b>", "markup": True, "tuple": True}
+        ],
         "fresh": True,
     }
     assert browser.get("/me").json["flashes"] == []  # shown once
@@ -272,7 +267,9 @@ def test_logout_is_final_and_its_flash_shown_once(backend: Backend) -> None:
 
     first = browser.get("/me").json
     assert first["user"] == "anonymous"
-    assert first["flashes"] == [{"category": "message", "message": "Signed out", "markup": False}]
+    assert first["flashes"] == [
+        {"category": "message", "message": "Signed out", "markup": False, "tuple": True}
+    ]
     assert browser.get("/me").json == {"user": "anonymous", "flashes": [], "fresh": False}
 
     replay = Browser(app)
@@ -336,6 +333,9 @@ def test_the_host_keeps_its_secret_key_and_cookie_name(backend: Backend) -> None
     assert app.config["SECRET_KEY"] == HOST_SECRET_KEY
     assert SessionStore.state(app).settings.secret_key == HOST_SECRET_KEY
     assert app.config["SESSION_COOKIE_NAME"] == HOST_COOKIE_NAME
+    resolved = SessionStore.state(app).settings
+    assert resolved.environment == backend.config["ENV"]
+    assert resolved.session_store_backend == backend.name
 
     response = Browser(app).get("/form")
     cookies = response.headers.getlist("Set-Cookie")
@@ -367,7 +367,12 @@ def test_csrf_tokens_work_across_two_gunicorn_workers(
     tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
     """Tokens signed by one worker verify in the other: both use the host's own SECRET_KEY (none
-    is set in the environment) and share the sessions in Redis."""
+    is set in the environment) and share the sessions in Redis.
+
+    Every request is on a new connection, several at a time (one at a time, one worker tends to
+    accept them all), in rounds of 20 forms then 20 posts, until each worker has issued tokens,
+    checked tokens, and checked one the other issued (at most 5 rounds).
+    """
     environ = {
         "ENV": "production",
         "SESSION_STORE_BACKEND": "redis",
@@ -375,29 +380,43 @@ def test_csrf_tokens_work_across_two_gunicorn_workers(
         "GUNICORN_WORKERS": "2",
     }
     server = Gunicorn(tmp_path, environ, app="tests.host_app:wsgi()")
+
+    def fetch_form(_: int) -> tuple[str, str, str]:
+        status, headers, body = server.request("GET", "/form")
+        assert status == 200, body
+        cookie = headers["Set-Cookie"].split(";", 1)[0]
+        assert cookie.startswith(f"{HOST_COOKIE_NAME}=")
+        return body.decode(), cookie, headers["X-Worker-Pid"]
+
+    def post_token(numbered: tuple[int, tuple[str, str, str]]) -> tuple[str, str]:
+        number, (token, cookie, issued_by) = numbered
+        form = {"user": f"user{number}", "csrf_token": token}
+        status, headers, body = _post_form(server.port, "/login", form, cookie)
+        assert b"The CSRF token is invalid" not in body
+        assert status == 200, body
+        assert body.strip() == f'{{"user":"user{number}"}}'.encode()
+        return issued_by, headers["X-Worker-Pid"]
+
+    pairs: set[tuple[str, str]] = set()
+    posts = 0
     try:
         server.start()
-        forms: list[tuple[str, str, str]] = []  # (token, cookie, pid of the worker)
-        for _ in range(20):  # each request on a new connection
-            status, headers, body = server.request("GET", "/form")
-            assert status == 200, body
-            cookie = headers["Set-Cookie"].split(";", 1)[0]
-            assert cookie.startswith(f"{HOST_COOKIE_NAME}=")
-            forms.append((body.decode(), cookie, headers["X-Worker-Pid"]))
-
-        pairs: set[tuple[str, str]] = set()
-        for number, (token, cookie, form_pid) in enumerate(forms):
-            form = {"user": f"user{number}", "csrf_token": token}
-            status, headers, body = _post_form(server.port, "/login", form, cookie)
-            assert b"The CSRF token is invalid" not in body
-            assert status == 200, body
-            assert body.strip() == f'{{"user":"user{number}"}}'.encode()
-            pairs.add((form_pid, headers["X-Worker-Pid"]))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in range(5):
+                forms = list(pool.map(fetch_form, range(20)))
+                pairs.update(pool.map(post_token, enumerate(forms, start=posts)))
+                posts += len(forms)
+                issuers = {issued for issued, _ in pairs}
+                checkers = {checked for _, checked in pairs}
+                crossed = any(issued != checked for issued, checked in pairs)
+                if len(issuers) == len(checkers) == 2 and crossed:
+                    break
     finally:
         output = server.stop()
     assert "Traceback" not in output
-    pids = {pid for pair in pairs for pid in pair}
-    assert len(pids) == 2, f"one worker served every request: {pairs}"
+    assert len({pid for pair in pairs for pid in pair}) == 2, f"one worker served all: {pairs}"
+    assert len({issued for issued, _ in pairs}) == 2, pairs
+    assert len({checked for _, checked in pairs}) == 2, pairs
     assert any(issued != checked for issued, checked in pairs), pairs
 
 

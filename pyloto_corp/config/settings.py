@@ -134,9 +134,18 @@ class _MappingEnv(Env):
     def __init__(self, environ: Mapping[str, str]) -> None:
         super().__init__(eager=False)
         self._source = environ
+        #: Durations environs could not even represent (it raises instead of collecting them).
+        self.overflows: list[str] = []
 
     def _get_value(self, env_key: str, default: Any) -> Any:
         return self._source.get(env_key, default)
+
+    def timedelta(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return super().timedelta(name, default)
+        except OverflowError:
+            self.overflows.append(f"{name}: Not a valid duration (far beyond the 400-day maximum).")
+            return None
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -228,6 +237,7 @@ class Settings:
                 f"{name}: {' '.join(str(m) for m in errors)}"
                 for name, errors in sorted(messages.items())
             )
+        problems += tuple(env.overflows)
         # A variable that is unset (or did not parse) keeps the field's default.
         kwargs = {name: value for name, value in values.items() if value is not None}
         return cls(**kwargs, parse_problems=problems)

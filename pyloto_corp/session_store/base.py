@@ -301,8 +301,9 @@ class StoreInterface(ServerSideSessionInterface):
         lifetime = app.permanent_session_lifetime
         store_id = self.store_id(session.sid)
         if not session:
-            if session.modified or session.replaces is not None:
-                # Emptied (clear(), logout, key by key): delete it and the cookie.
+            if session.modified or session.replaces is not None or session.stored is not None:
+                # Emptied (clear(), logout, key by key), or stored empty by an older release:
+                # delete it and the cookie.
                 for stale in self._stale_ids(session, store_id):
                     self.delete(stale)
                 self._delete_cookie(app, response)

@@ -185,6 +185,12 @@ def describe_error(exc: BaseException) -> str:
             return f"{type(exc).__name__} (TLS handshake failed: {detail})"
         if isinstance(cause, ssl.SSLError):
             return f"{type(exc).__name__} (TLS handshake failed: {cause.reason or 'SSL error'})"
+        if "handshake" in str(cause):
+            # The server never answered the TLS greeting: most likely it does not speak TLS.
+            return (
+                f"{type(exc).__name__} (TLS handshake failed: no answer to the TLS handshake; "
+                "does the server accept TLS on this port?)"
+            )
         cause = cause.__cause__ or cause.__context__
     text = str(exc)
     if "SSL" in text or "certificate" in text:
