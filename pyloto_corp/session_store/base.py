@@ -3,8 +3,8 @@
 A request reads straight through this module: :meth:`StoreInterface.open_session` asks the
 backend to ``read`` the record (one store round trip that also slides the idle timeout), decodes
 it and returns a :class:`StoreSession` that carries what the store said; the view runs;
-:meth:`StoreInterface.save_session` writes only a modified session (``replace`` an existing
-record, ``create`` a new one) and sets the cookie. Backends implement the abstract methods of
+:meth:`StoreInterface.save_session` writes only a modified session (``update`` an existing
+record with the keys this request changed, ``create`` a new one) and sets the cookie. Backends implement the abstract methods of
 :class:`StoreInterface` and :class:`StoreOptions` and nothing else.
 
 - Store ids are ``prefix + sha256(session id)``: a store dump, ``SCAN`` or read-only credential
@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -81,9 +81,29 @@ class StoreOptions(ABC):
 class Record:
     """What the store held when a request read a session."""
 
-    data: bytes
+    #: Each top-level key's encoded value (``codec.pack_value``); None for a record an earlier
+    #: release stored whole, as one blob.
+    fields: Mapping[str, bytes] | None
+    #: That earlier release's blob (``codec.loads`` reads it).
+    blob: bytes | None = None
     #: Whatever the backend needs to write the record back (Firestore: its stored expiry).
     version: object = None
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a request's save does to the stored record: only the keys it changed."""
+
+    #: Keys set or replaced, with their encoded values.
+    set: Mapping[str, bytes]
+    #: Keys deleted.
+    delete: tuple[str, ...]
+    #: True: write ``set`` as the whole record (a new session, or one stored whole by an earlier
+    #: release, rewritten in the current format); False: merge into what is stored now.
+    whole: bool
+
+    def __bool__(self) -> bool:
+        return self.whole or bool(self.set) or bool(self.delete)
 
 
 def interface_options(settings: Settings) -> dict[str, Any]:
@@ -95,6 +115,11 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "absolute_lifetime": settings.session_absolute_lifetime,
         "max_bytes": settings.session_max_bytes,
     }
+
+
+def record_size(fields: Mapping[str, bytes]) -> int:
+    """Bytes a record takes: its keys and encoded values (what SESSION_MAX_BYTES limits)."""
+    return sum(len(key.encode("utf-8", "surrogatepass")) + len(raw) for key, raw in fields.items())
 
 
 def hashed_store_id(key_prefix: str, sid: str) -> str:
@@ -162,8 +187,11 @@ class StoreInterface(ServerSideSessionInterface):
       slid by every read. Absolute timeout: ``_created_at`` in the session; past
       ``absolute_lifetime`` the session ends whatever its activity. The cookie expires at that
       absolute time, so it is set only when the session changes, never just to slide it.
-    - Only a modified session is written; a session emptied (``clear()``, or key by key) is
-      deleted with its cookie.
+    - Only a modified session is written, and only the keys whose encoded value changed (or
+      that were deleted), merged atomically into the stored record: two requests of one session
+      changing different keys both land; the same key changed by both ends as the last write's
+      value, never a mix. A session emptied (``clear()``, or key by key) is deleted with its
+      cookie.
     - A write whose record was deleted meanwhile (a logout, a login) is dropped: the session is
       never brought back, the response becomes a 409 and no session cookie is sent.
     """
@@ -196,12 +224,19 @@ class StoreInterface(ServerSideSessionInterface):
         One round trip: this runs on every request that carries a session cookie."""
 
     @abstractmethod
-    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        """Store a new record unless ``store_id`` is taken; False when it is (never overwrite)."""
+    def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
+        """Store a new record unless ``store_id`` is taken; False when it is (never overwrite).
+        Raises SessionTooLarge over ``max_bytes``."""
 
     @abstractmethod
-    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
-        """Overwrite the record if it still exists; False when it does not (a logout is final)."""
+    def update(
+        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
+    ) -> bool:
+        """Apply ``changes`` to the record in one atomic step if it still exists, and slide its
+        expiry; False when it does not (a logout is final). Keys the request did not change are
+        left as the store has them now, so concurrent requests' changes to other keys survive.
+        Raises SessionTooLarge, leaving the record unchanged, when the merged record would
+        exceed ``max_bytes``."""
 
     @abstractmethod
     def delete(self, store_id: str) -> None:
@@ -240,7 +275,10 @@ class StoreInterface(ServerSideSessionInterface):
     @staticmethod
     def _decode(record: Record, store_id: str) -> dict[str, Any] | None:
         try:
-            return codec.loads(record.data)
+            if record.fields is not None:
+                return {key: codec.unpack_value(raw) for key, raw in record.fields.items()}
+            assert record.blob is not None
+            return codec.loads(record.blob)
         except ValueError:
             # Only the hashed key is logged: it identifies the record without granting it.
             logger.warning(
@@ -314,12 +352,13 @@ class StoreInterface(ServerSideSessionInterface):
             return
         if CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
-        data = self.encode(session)
+        fields = self.encode(session)
         if session.stored is not None:
-            if not self.replace(store_id, data, lifetime, session.stored):
+            changes = self.changes(fields, session.stored)
+            if changes and not self.update(store_id, changes, lifetime, session.stored):
                 raise SessionGone
         else:
-            self._create(session, data, lifetime)
+            self._create(session, fields, lifetime)
         if session.replaces is not None:
             # After the new record exists: a login that failed leaves the old session intact.
             self.delete(session.replaces)
@@ -332,25 +371,44 @@ class StoreInterface(ServerSideSessionInterface):
         if session.replaces is not None:
             yield session.replaces
 
-    def _create(self, session: StoreSession, data: bytes, lifetime: timedelta) -> None:
+    def _create(
+        self, session: StoreSession, fields: Mapping[str, bytes], lifetime: timedelta
+    ) -> None:
         """A taken id is never overwritten: the session gets a fresh id instead (256-bit ids
         make this theoretical)."""
         for _ in range(3):
-            if self.create(self.store_id(session.sid), data, lifetime):
+            if self.create(self.store_id(session.sid), fields, lifetime):
                 return
             session.sid = self._generate_sid(self.sid_length)
         raise SessionStoreUnavailable(f"{self.backend_name} store: could not allocate a session id")
 
-    def encode(self, session: StoreSession) -> bytes:
-        """The stored bytes; refused (before any write) when over the size limit."""
-        data = codec.dumps(session)
-        if len(data) > self.max_bytes:
+    def encode(self, session: StoreSession) -> dict[str, bytes]:
+        """Each key's encoded value; refused (before any write) when a value cannot be stored
+        exactly or the whole is over the size limit."""
+        items: Iterable[tuple[str, Any]] = dict.items(session)
+        fields = {key: codec.pack_value(key, value) for key, value in items}
+        self.check_size(record_size(fields))
+        return fields
+
+    def check_size(self, size: int) -> None:
+        """Raise SessionTooLarge when a record of ``size`` bytes exceeds the limit."""
+        if size > self.max_bytes:
             raise SessionTooLarge(
-                f"The session is {len(data):,} bytes encoded; the {self.backend_name} store "
+                f"The session is {size:,} bytes encoded; the {self.backend_name} store "
                 f"accepts at most {self.max_bytes:,} (SESSION_MAX_BYTES). The stored session was "
                 "left unchanged."
             )
-        return data
+
+    @staticmethod
+    def changes(fields: Mapping[str, bytes], stored: Record) -> Changes:
+        """The keys whose encoded value differs from what this request read, and the keys it
+        deleted; a record stored whole by an earlier release is rewritten whole."""
+        if stored.fields is None:
+            return Changes(set=fields, delete=(), whole=True)
+        loaded = stored.fields
+        changed = {key: raw for key, raw in fields.items() if loaded.get(key) != raw}
+        deleted = tuple(key for key in loaded if key not in fields)
+        return Changes(set=changed, delete=deleted, whole=False)
 
     def _set_cookie(self, app: Flask, session: StoreSession, response: Response) -> None:
         response.set_cookie(
@@ -421,7 +479,7 @@ class StoreInterface(ServerSideSessionInterface):
     # Flask-Session calls these; they answer through the contract all the same.
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
         record = self.read(store_id, self.app.permanent_session_lifetime)
-        return None if record is None else codec.loads(record.data)
+        return None if record is None else self._decode(record, store_id)
 
     def _delete_session(self, store_id: str) -> None:
         self.delete(store_id)

@@ -1,15 +1,19 @@
 """Firestore store: one document per session, written with preconditions, refreshed lazily.
 
-Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (the encoded session),
-``expires_at`` (a timestamp a Firestore TTL policy can delete on) and ``updated_at``.
+Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (a map: one entry per
+session key, its encoded value), ``expires_at`` (a timestamp a Firestore TTL policy can delete
+on) and ``updated_at``. A document an earlier release wrote holds ``data`` as one blob: it is
+read, and rewritten as a map on its next change.
 
 - A read is one document get. TTL deletion is eventual, so a document whose ``expires_at`` has
   passed is treated as absent.
 - A read-only request rewrites ``expires_at`` only when it is more than the refresh interval
   stale, keeping each session far below Firestore's one write per second per document.
 - A new session is ``create()``d (an id collision fails instead of overwriting), an existing one
-  ``update()``d, so a slow request finishing after a logout cannot bring the session back. No
-  transactions on the hot path.
+  ``update()``d with field paths: only ``data.<key>`` of the keys the request changed (or
+  ``DELETE_FIELD`` for those it deleted), so concurrent requests changing different keys all
+  land, and ``update()``'s exists precondition keeps a logout final. No transactions on the hot
+  path. Keys that are not plain identifiers are stored under an encoded name.
 - ``NotFound`` means "session gone" only for the ``update()`` of an existing session; anywhere
   else it means the database or collection is missing (a typo in FIRESTORE_DATABASE): the store
   is unavailable, a 503 with the database named in the log.
@@ -19,10 +23,12 @@ Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (the encod
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -34,10 +40,11 @@ from google.api_core.retry import Retry, if_transient_error
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
+from google.cloud.firestore_v1.field_path import FieldPath
 
 from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
 from ..errors import SessionStoreUnavailable
-from .base import Record, StoreInterface, StoreOptions, interface_options
+from .base import Changes, Record, StoreInterface, StoreOptions, interface_options
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -148,6 +155,25 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
+_ENCODED = "~"
+
+
+def field_name(key: str) -> str:
+    """A session key as a map entry name: plain identifiers as they are; anything else (dots,
+    backticks, the empty string, ``__reserved__`` names, ``~...``) as ``~`` + base64url."""
+    if _PLAIN_NAME.fullmatch(key) and not (key.startswith("__") and key.endswith("__")):
+        return key
+    encoded = base64.urlsafe_b64encode(key.encode("utf-8", "surrogatepass")).decode()
+    return _ENCODED + encoded
+
+
+def session_key(name: str) -> str:
+    if not name.startswith(_ENCODED):
+        return name
+    return base64.urlsafe_b64decode(name[1:].encode()).decode("utf-8", "surrogatepass")
+
+
 class FirestoreSessionInterface(StoreInterface):
     backend_name = FIRESTORE
 
@@ -229,30 +255,54 @@ class FirestoreSessionInterface(StoreInterface):
         snapshot = self._call(self._document(store_id).get)
         if not snapshot.exists:
             return None
-        fields = snapshot.to_dict() or {}
-        data, expires_at = fields.get("data"), fields.get("expires_at")
-        if not isinstance(data, bytes) or not isinstance(expires_at, datetime):
-            logger.warning(
-                "Discarded malformed session document %s; starting a fresh session", store_id
-            )
-            return None
+        document = snapshot.to_dict() or {}
+        data, expires_at = document.get("data"), document.get("expires_at")
+        if not isinstance(expires_at, datetime) or not isinstance(data, dict | bytes):
+            return self._malformed(store_id)
         if expires_at <= _now():
             return None  # expired; the TTL policy or the cleanup command deletes it later
-        return Record(data, version=expires_at)
-
-    def _fields(self, data: bytes, lifetime: timedelta) -> dict[str, Any]:
-        now = _now()
-        return {"data": data, "expires_at": now + lifetime, "updated_at": now}
-
-    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
+        if isinstance(data, bytes):
+            return Record(None, blob=data, version=expires_at)  # an earlier release's blob
         try:
-            self._call(self._document(store_id).create, self._fields(data, lifetime))
+            fields = {session_key(name): raw for name, raw in data.items()}
+        except ValueError:
+            return self._malformed(store_id)
+        if not fields or not all(isinstance(raw, bytes) for raw in fields.values()):
+            return self._malformed(store_id)
+        return Record(fields, version=expires_at)
+
+    @staticmethod
+    def _malformed(store_id: str) -> None:
+        logger.warning(
+            "Discarded malformed session document %s; starting a fresh session", store_id
+        )
+
+    @staticmethod
+    def _data(fields: Mapping[str, bytes]) -> dict[str, bytes]:
+        return {field_name(key): raw for key, raw in fields.items()}
+
+    def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
+        now = _now()
+        document = {"data": self._data(fields), "expires_at": now + lifetime, "updated_at": now}
+        try:
+            self._call(self._document(store_id).create, document)
         except google_exceptions.AlreadyExists:
             return False
         return True
 
-    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
-        return self._update(store_id, self._fields(data, lifetime))
+    def update(
+        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
+    ) -> bool:
+        now = _now()
+        updates: dict[str, Any] = {"expires_at": now + lifetime, "updated_at": now}
+        if changes.whole:
+            updates["data"] = self._data(changes.set)
+        else:
+            for key, raw in changes.set.items():
+                updates[FieldPath("data", field_name(key)).to_api_repr()] = raw
+            for key in changes.delete:
+                updates[FieldPath("data", field_name(key)).to_api_repr()] = firestore.DELETE_FIELD
+        return self._update(store_id, updates)
 
     def _update(self, store_id: str, fields: dict[str, Any]) -> bool:
         try:

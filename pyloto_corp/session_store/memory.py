@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -18,7 +19,14 @@ from environs import Env
 from flask import Flask
 
 from ..config.settings import MEMORY, Settings
-from .base import Record, StoreInterface, StoreOptions, interface_options
+from .base import (
+    Changes,
+    Record,
+    StoreInterface,
+    StoreOptions,
+    interface_options,
+    record_size,
+)
 
 
 @dataclass(frozen=True)
@@ -48,14 +56,15 @@ class Options(StoreOptions):
 
 
 class MemoryStore:
-    """Store id -> (bytes, monotonic expiry), behind one lock."""
+    """Store id -> (each key's encoded value, monotonic expiry), behind one lock: every
+    operation is atomic, like a Redis script."""
 
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.max_sessions = max_sessions
-        self._items: dict[str, tuple[bytes, float]] = {}
+        self._items: dict[str, tuple[dict[str, bytes], float]] = {}
         self._lock = threading.Lock()
 
-    def _live(self, key: str, now: float) -> bytes | None:
+    def _live(self, key: str, now: float) -> dict[str, bytes] | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -64,32 +73,42 @@ class MemoryStore:
             return None
         return item[0]
 
-    def get(self, key: str, ttl: float) -> bytes | None:
-        """The value, its expiry slid to ``ttl`` seconds from now (like Redis GETEX)."""
+    def get(self, key: str, ttl: float) -> dict[str, bytes] | None:
+        """A copy of the record, its expiry slid to ``ttl`` seconds from now (like GETEX)."""
         now = time.monotonic()
         with self._lock:
-            data = self._live(key, now)
-            if data is not None:
-                self._items[key] = (data, now + ttl)
-            return data
+            fields = self._live(key, now)
+            if fields is None:
+                return None
+            self._items[key] = (fields, now + ttl)
+            return dict(fields)
 
-    def add(self, key: str, data: bytes, ttl: float) -> bool:
+    def add(self, key: str, fields: Mapping[str, bytes], ttl: float) -> bool:
         now = time.monotonic()
         with self._lock:
             if self._live(key, now) is not None:
                 return False
             if len(self._items) >= self.max_sessions:
                 self._evict(now)
-            self._items[key] = (data, now + ttl)
+            self._items[key] = (dict(fields), now + ttl)
             return True
 
-    def replace(self, key: str, data: bytes, ttl: float) -> bool:
+    def merge(self, key: str, changes: Changes, ttl: float, max_bytes: int) -> int | None:
+        """Apply ``changes``; the merged record's size, or None when the record is gone. Over
+        ``max_bytes`` nothing is written and the size is returned for the caller to refuse."""
         now = time.monotonic()
         with self._lock:
-            if self._live(key, now) is None:
-                return False
-            self._items[key] = (data, now + ttl)
-            return True
+            current = self._live(key, now)
+            if current is None:
+                return None
+            merged = {} if changes.whole else dict(current)
+            merged.update(changes.set)
+            for name in changes.delete:
+                merged.pop(name, None)
+            size = record_size(merged)
+            if size <= max_bytes:
+                self._items[key] = (merged, now + ttl)
+            return size
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -110,14 +129,20 @@ class MemorySessionInterface(StoreInterface):
         self.store = store
 
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
-        data = self.store.get(store_id, lifetime.total_seconds())
-        return None if data is None else Record(data)
+        fields = self.store.get(store_id, lifetime.total_seconds())
+        return None if fields is None else Record(fields)
 
-    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        return self.store.add(store_id, data, lifetime.total_seconds())
+    def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
+        return self.store.add(store_id, fields, lifetime.total_seconds())
 
-    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
-        return self.store.replace(store_id, data, lifetime.total_seconds())
+    def update(
+        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
+    ) -> bool:
+        size = self.store.merge(store_id, changes, lifetime.total_seconds(), self.max_bytes)
+        if size is None:
+            return False
+        self.check_size(size)
+        return True
 
     def delete(self, store_id: str) -> None:
         self.store.delete(store_id)

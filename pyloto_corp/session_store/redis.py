@@ -1,11 +1,13 @@
-"""Redis store: one round trip per read, a bounded wait per call.
+"""Redis store: one hash per session, one round trip per read and per write, no lost updates.
 
-The read is ``GETEX key EX lifetime``: it returns the session and slides its idle timeout in one
-command, so a request that only reads the session costs one round trip (Flask-Session rewrites
-the whole session after every request: GET then SET). Only a modified session is written back:
-``SET ... XX`` for a session that was read (a logout meanwhile is final), ``SET ... NX`` for a new
-one (an id is never overwritten). Every operation touches one key, so it runs unchanged on a
-Redis Cluster client.
+A session is a hash with one field per top-level key (its encoded value). The read is one script
+call that returns the hash and slides its idle timeout (Flask-Session rewrites the whole session
+after every request: GET then SET). A write is one script call that applies only the fields the
+request changed or deleted, atomically, to the hash as it is now, so concurrent requests of one
+session that change different keys all land; it refuses a record that no longer exists (a logout
+is final) or a merged record over the size limit, and never overwrites an id when creating.
+Records an earlier release stored as one string are still read, and rewritten as a hash on their
+next change. Every script touches one key, so it runs unchanged on a Redis Cluster client.
 
 A hung server must cost a request no more than ``REDIS_SOCKET_TIMEOUT``: a timeout is never
 retried (the server is not answering; a retry doubles the wait), no idle-connection health check
@@ -15,9 +17,11 @@ Only a dropped connection is retried, once, after a short backoff.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -29,7 +33,7 @@ from redis.retry import Retry
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
-from .base import Record, StoreInterface, StoreOptions, interface_options
+from .base import Changes, Record, StoreInterface, StoreOptions, interface_options
 
 if TYPE_CHECKING:
     from environs import Env
@@ -42,6 +46,64 @@ REDIS_SSL_CHECK_HOSTNAME = "REDIS_SSL_CHECK_HOSTNAME"
 
 #: A dropped connection is retried once (after ~50 ms); a timeout is not retried at all.
 RETRIES = 1
+
+#: KEYS[1] the session; ARGV[1] the idle lifetime in seconds. The hash's fields and values, or
+#: the string an earlier release stored (both with the expiry slid), or nil. It only reads and
+#: slides an expiry, so it may run when the server is out of memory (``allow-oom``).
+READ_SCRIPT = """#!lua flags=allow-oom
+local fields = redis.pcall('HGETALL', KEYS[1])
+if fields['err'] then
+  return redis.call('GETEX', KEYS[1], 'EX', ARGV[1])
+end
+if #fields == 0 then
+  return false
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return fields
+"""
+
+#: KEYS[1] the session; ARGV: lifetime, max bytes, mode, number of fields set, then the fields
+#: and values set, then the fields deleted. Modes: 'create' (only if absent), 'whole' (replace
+#: an existing record), 'merge' (apply to an existing hash). Returns 'ok', 'gone', 'taken' or
+#: the merged size when it exceeds the limit (nothing written then). Declared with a shebang
+#: (Redis 7+), so an out-of-memory server refuses it before it starts, never half-way.
+WRITE_SCRIPT = """#!lua
+local key, ttl, limit, mode = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local count = tonumber(ARGV[4])
+local exists = redis.call('EXISTS', key) == 1
+if mode == 'create' then
+  if exists then return 'taken' end
+elseif not exists then
+  return 'gone'
+end
+local first_deleted = 5 + 2 * count
+local size, touched = 0, {}
+for i = 5, first_deleted - 1, 2 do
+  touched[ARGV[i]] = true
+  size = size + #ARGV[i] + #ARGV[i + 1]
+end
+for i = first_deleted, #ARGV do
+  touched[ARGV[i]] = true
+end
+if mode == 'merge' then
+  local current = redis.call('HGETALL', key)
+  for i = 1, #current, 2 do
+    if not touched[current[i]] then
+      size = size + #current[i] + #current[i + 1]
+    end
+  end
+end
+if size > limit then return size end
+if mode == 'whole' then redis.call('DEL', key) end
+for i = 5, first_deleted - 1, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+for i = first_deleted, #ARGV do
+  redis.call('HDEL', key, ARGV[i])
+end
+redis.call('EXPIRE', key, ttl)
+return 'ok'
+"""
 
 
 @dataclass(frozen=True)
@@ -139,6 +201,7 @@ class RedisSessionInterface(StoreInterface):
         super().__init__(app, **options)
         self.client = client
         self.display_url = display_url
+        self._scripts = {source: _sha1(source) for source in (READ_SCRIPT, WRITE_SCRIPT)}
 
     def _unavailable(self, exc: Exception) -> SessionStoreUnavailable:
         return SessionStoreUnavailable(
@@ -151,23 +214,66 @@ class RedisSessionInterface(StoreInterface):
         except redis.RedisError as exc:
             raise self._unavailable(exc) from None
 
+    def _script(self, source: str, store_id: str, *args: Any) -> Any:
+        """EVALSHA, loading the script once when the server does not know it yet (a restart,
+        a new cluster node). execute_command skips redis-py's Script wrapper (a few µs)."""
+        command = ("EVALSHA", self._scripts[source], 1, store_id, *args)
+        client: Any = self.client
+        try:
+            try:
+                return client.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                client.script_load(source)
+                return client.execute_command(*command)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from None
+
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
-        # execute_command skips redis-py's keyword parsing for GETEX (a few µs on every
-        # request); the command sent is the same.
-        data = self._call(self.client.execute_command, "GETEX", store_id, "EX", _seconds(lifetime))
-        return None if data is None else Record(data)
+        reply = self._script(READ_SCRIPT, store_id, _seconds(lifetime))
+        if reply is None:
+            return None
+        if isinstance(reply, bytes):
+            return Record(None, blob=reply)  # stored whole by an earlier release
+        names = [name.decode("utf-8", "surrogatepass") for name in reply[::2]]
+        return Record(dict(zip(names, reply[1::2], strict=True)))
 
-    def create(self, store_id: str, data: bytes, lifetime: timedelta) -> bool:
-        return bool(self._call(self.client.set, store_id, data, ex=_seconds(lifetime), nx=True))
+    def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
+        return self._apply(store_id, "create", fields, (), lifetime) == b"ok"
 
-    def replace(self, store_id: str, data: bytes, lifetime: timedelta, stored: Record) -> bool:
-        return bool(self._call(self.client.set, store_id, data, ex=_seconds(lifetime), xx=True))
+    def update(
+        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
+    ) -> bool:
+        mode = "whole" if changes.whole else "merge"
+        return self._apply(store_id, mode, changes.set, changes.delete, lifetime) == b"ok"
+
+    def _apply(
+        self,
+        store_id: str,
+        mode: str,
+        fields: Mapping[str, bytes],
+        deleted: tuple[str, ...],
+        lifetime: timedelta,
+    ) -> bytes:
+        args: list[Any] = [_seconds(lifetime), self.max_bytes, mode, len(fields)]
+        for name, raw in fields.items():
+            args += (name.encode("utf-8", "surrogatepass"), raw)
+        args += (name.encode("utf-8", "surrogatepass") for name in deleted)
+        reply = self._script(WRITE_SCRIPT, store_id, *args)
+        if isinstance(reply, int):
+            self.check_size(reply)
+        assert isinstance(reply, bytes)
+        return reply
 
     def delete(self, store_id: str) -> None:
-        self._call(self.client.delete, store_id)
+        # UNLINK, never used inside the scripts: a store round trip shows in INFO commandstats.
+        self._call(self.client.unlink, store_id)
 
     def ping(self) -> None:
         self._call(self.client.ping)
+
+
+def _sha1(source: str) -> str:
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
 def _seconds(lifetime: timedelta) -> int:
