@@ -36,11 +36,18 @@ from pyloto_corp import ConfigurationError, Settings, create_app
 from pyloto_corp.cli import session_store_cli
 from pyloto_corp.config.settings import redact_url
 from pyloto_corp.errors import SessionStoreUnavailable
-from pyloto_corp.session_store import codec, end_session, rotate_session_id
-from pyloto_corp.session_store.base import CREATED_AT, Record, StoreInterface, hashed_store_id
+from pyloto_corp.session_store import end_session, rotate_session_id
+from pyloto_corp.session_store.base import (
+    CREATED_AT,
+    Changes,
+    Record,
+    StoreInterface,
+    hashed_store_id,
+)
 from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import _CONFIG_VARS, SECRET, MakeApp
 from tests.services import ROOT, FirestoreEmulator, RedisServer, free_port, wait_until
+from tests.stored import store_session, stored_session
 
 TIMEOUT = 1.0
 #: A request against a hung store must be answered within the timeout plus this slack.
@@ -344,7 +351,8 @@ def test_firestore_not_found_is_503_not_500(
     assert probe.json is not None
     assert probe.json["error"] == "session_store_unavailable"
     # Where it means "this session is gone" it stays NotFound (answered 409 by save_session).
-    assert interface.replace(missing.id, b"x", timedelta(hours=1), Record(b"")) is False
+    changes = Changes(set={"x": b"x"}, delete=(), whole=False)
+    assert interface.update(missing.id, changes, timedelta(hours=1), Record({})) is False
 
 
 # -- 4. logout then flash in the same request ------------------------------------------------------
@@ -393,9 +401,8 @@ def test_logout_then_flash_gets_a_new_id_and_a_slow_write_cannot_revive(
     assert new is not None
     assert new != old
     assert redis_client.exists(old_key) == 0
-    stored = redis_client.get(hashed_store_id("session:", new))
-    assert stored is not None
-    data = codec.loads(stored)
+    data = stored_session(app, hashed_store_id("session:", new))
+    assert data is not None
     assert "user" not in data
     assert data["note"] == "bye"
     assert data["_flashes"] == [("message", "Signed out")]
@@ -409,9 +416,9 @@ def test_logout_then_flash_gets_a_new_id_and_a_slow_write_cannot_revive(
     assert _session_cookie(late) is None
     assert redis_client.exists(old_key) == 0
     for key in redis_client.scan_iter(count=100):
-        value = redis_client.get(key)
+        value = stored_session(app, key.decode())
         assert value is not None
-        assert codec.loads(value).get("user") != "ana"
+        assert value.get("user") != "ana"
 
 
 # -- 5. a failed login keeps the pre-login session -------------------------------------------------
@@ -496,9 +503,9 @@ def test_absolute_timeout_restarts_at_login(
     expires = _cookie_expires(new)
     expected = dt.datetime.now(dt.UTC) + timedelta(days=7)
     assert abs((expires - expected).total_seconds()) < 5
-    stored = redis_client.get(hashed_store_id("session:", sid))
+    stored = stored_session(app, hashed_store_id("session:", sid))
     assert stored is not None
-    assert abs(codec.loads(stored)[CREATED_AT] - time.time()) < 5
+    assert abs(stored[CREATED_AT] - time.time()) < 5
 
     time.sleep(2.5)  # past the pre-login session's absolute end in the 7d-2s case
     assert _client(app).get("/whoami", headers=_as(sid)).json == {"user": "ana", "counter": 3}
@@ -520,13 +527,12 @@ def test_clock_skew_within_tolerance_is_kept_beyond_is_ignored_not_deleted(
     app = any_backend_app
     interface = app.session_interface
     assert isinstance(interface, StoreInterface)
-    lifetime = timedelta(hours=1)
 
     def skewed_writer(sid: str, ahead: float) -> str:
         """What an instance whose clock runs ``ahead`` seconds fast stores."""
         store_id = interface.store_id(sid)
         data = {"_permanent": True, CREATED_AT: int(time.time() + ahead), "counter": 5}
-        assert interface.create(store_id, codec.dumps(data), lifetime)
+        store_session(app, store_id, data)
         return store_id
 
     minute_ahead = "skew-minute-" + "a" * 32
@@ -543,9 +549,9 @@ def test_clock_skew_within_tolerance_is_kept_beyond_is_ignored_not_deleted(
     fresh = client.post("/session/counter", headers=_as(hour_ahead))
     assert fresh.json == {"counter": 1}
     assert _session_cookie(fresh) not in (None, hour_ahead)
-    record = interface.read(store_id, lifetime)
-    assert record is not None, "a session from a clock ahead of ours was deleted"
-    assert codec.loads(record.data)["counter"] == 5
+    stored = stored_session(app, store_id)
+    assert stored is not None, "a session from a clock ahead of ours was deleted"
+    assert stored["counter"] == 5
 
 
 # -- 8. concurrent login vs a slow write: what the browser ends with -------------------------------

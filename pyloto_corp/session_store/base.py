@@ -4,8 +4,9 @@ A request reads straight through this module: :meth:`StoreInterface.open_session
 backend to ``read`` the record (one store round trip that also slides the idle timeout), decodes
 it and returns a :class:`StoreSession` that carries what the store said; the view runs;
 :meth:`StoreInterface.save_session` writes only a modified session (``update`` an existing
-record with the keys this request changed, ``create`` a new one) and sets the cookie. Backends implement the abstract methods of
-:class:`StoreInterface` and :class:`StoreOptions` and nothing else.
+record with the keys this request changed, ``create`` a new one) and sets the cookie. Backends
+implement the abstract methods of :class:`StoreInterface` and :class:`StoreOptions` and nothing
+else.
 
 - Store ids are ``prefix + sha256(session id)``: a store dump, ``SCAN`` or read-only credential
   yields no cookie that logs anyone in, and any cookie value is a harmless key.
@@ -229,9 +230,7 @@ class StoreInterface(ServerSideSessionInterface):
         Raises SessionTooLarge over ``max_bytes``."""
 
     @abstractmethod
-    def update(
-        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
-    ) -> bool:
+    def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
         """Apply ``changes`` to the record in one atomic step if it still exists, and slide its
         expiry; False when it does not (a logout is final). Keys the request did not change are
         left as the store has them now, so concurrent requests' changes to other keys survive.
@@ -259,7 +258,7 @@ class StoreInterface(ServerSideSessionInterface):
         store_id = self.store_id(sid)
         try:
             record = self.read(store_id, app.permanent_session_lifetime)
-            data = None if record is None else self._decode(record, store_id)
+            data = None if record is None else self.decode(record, store_id)
             if data is not None and not self._within_absolute_lifetime(data, store_id):
                 data = None
         except SessionStoreUnavailable as exc:
@@ -273,7 +272,8 @@ class StoreInterface(ServerSideSessionInterface):
         return self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
 
     @staticmethod
-    def _decode(record: Record, store_id: str) -> dict[str, Any] | None:
+    def decode(record: Record, store_id: str) -> dict[str, Any] | None:
+        """The session a record holds; None (and a warning) when it does not decode."""
         try:
             if record.fields is not None:
                 return {key: codec.unpack_value(raw) for key, raw in record.fields.items()}
@@ -479,7 +479,7 @@ class StoreInterface(ServerSideSessionInterface):
     # Flask-Session calls these; they answer through the contract all the same.
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
         record = self.read(store_id, self.app.permanent_session_lifetime)
-        return None if record is None else self._decode(record, store_id)
+        return None if record is None else self.decode(record, store_id)
 
     def _delete_session(self, store_id: str) -> None:
         self.delete(store_id)

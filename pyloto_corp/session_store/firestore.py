@@ -290,9 +290,7 @@ class FirestoreSessionInterface(StoreInterface):
             return False
         return True
 
-    def update(
-        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
-    ) -> bool:
+    def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
         now = _now()
         updates: dict[str, Any] = {"expires_at": now + lifetime, "updated_at": now}
         if changes.whole:

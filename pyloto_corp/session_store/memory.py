@@ -135,9 +135,7 @@ class MemorySessionInterface(StoreInterface):
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         return self.store.add(store_id, fields, lifetime.total_seconds())
 
-    def update(
-        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
-    ) -> bool:
+    def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
         size = self.store.merge(store_id, changes, lifetime.total_seconds(), self.max_bytes)
         if size is None:
             return False

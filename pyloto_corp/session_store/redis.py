@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -240,9 +240,7 @@ class RedisSessionInterface(StoreInterface):
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         return self._apply(store_id, "create", fields, (), lifetime) == b"ok"
 
-    def update(
-        self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record
-    ) -> bool:
+    def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
         mode = "whole" if changes.whole else "merge"
         return self._apply(store_id, mode, changes.set, changes.delete, lifetime) == b"ok"
 

@@ -94,7 +94,11 @@ def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
         if not snapshot.exists:
             return None
         data = snapshot.get("data")
-        return {session_key(name): raw for name, raw in data.items()} if isinstance(data, dict) else data
+        return (
+            {session_key(name): raw for name, raw in data.items()}
+            if isinstance(data, dict)
+            else data
+        )
 
     def write(app: Flask, key: str, data: bytes) -> None:
         expires_at = datetime.now(UTC) + timedelta(hours=1)
@@ -501,7 +505,15 @@ def test_session_ids_are_256_bits_from_secrets(
     assert len(sid) == 43  # 32 bytes, base64url without padding
 
 
-def test_a_session_stored_by_the_previous_release_keeps_working(backend: Harness) -> None:
+@pytest.fixture(params=sorted(set(HARNESSES) - {"memory"}))
+def shared_backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
+    """The backends whose sessions outlive a deploy (memory lives in one process)."""
+    return HARNESSES[request.param](make_app, request)
+
+
+def test_a_session_stored_by_the_previous_release_keeps_working(
+    shared_backend: Harness,
+) -> None:
     """A deploy must not log anyone out: the previous release stored plain msgpack maps
     (tuples as lists); such a record is read, and rewritten in the new format on its next
     change."""
@@ -509,8 +521,7 @@ def test_a_session_stored_by_the_previous_release_keeps_working(backend: Harness
 
     from pyloto_corp.session_store import codec
 
-    if backend.name == "memory":
-        pytest.skip("memory sessions live in one process; no release outlives it")
+    backend = shared_backend
     app = backend.make()
     client = app.test_client()
     sid = _sid(client.post("/session/counter"))
@@ -525,3 +536,64 @@ def test_a_session_stored_by_the_previous_release_keeps_working(backend: Harness
     assert codec.unpack_value(upgraded["counter"]) == 42
     assert codec.unpack_value(upgraded["_flashes"]) == [["message", "Saved"]]
     assert client.get("/session/counter").json == {"counter": 42}
+
+
+def test_keys_of_any_spelling_round_trip_and_merge(backend: Harness) -> None:
+    """Keys that are no identifier (dots, backticks, spaces, empty, reserved-looking names,
+    non-ASCII) are stored and merged like any other."""
+    keys = ["a.b", "`tick`", "with space", "", "__name__", "~x", "ключ", "data", "x" * 300]
+    app = backend.make()
+
+    @app.post("/odd")
+    def odd() -> dict[str, bool]:
+        for key in keys:
+            session[key] = key
+        return {"ok": True}
+
+    @app.post("/drop")
+    def drop() -> dict[str, bool]:
+        del session["a.b"]
+        session["~x"] = "changed"
+        return {"ok": True}
+
+    @app.get("/odd")
+    def read_odd() -> dict[str, object]:
+        return {key: session.get(key) for key in keys}
+
+    client = app.test_client()
+    client.post("/odd")
+    assert client.get("/odd").json == {key: key for key in keys}
+    client.post("/drop")
+    assert client.get("/odd").json == {
+        **{key: key for key in keys},
+        "a.b": None,
+        "~x": "changed",
+    }
+
+
+@pytest.mark.parametrize("store", ["memory", "redis", "redis_cluster"])
+def test_the_size_limit_holds_for_the_merged_record(
+    store: str, make_app: MakeApp, request: pytest.FixtureRequest
+) -> None:
+    """Two requests that each stay under SESSION_MAX_BYTES but together exceed it: the second
+    write is refused (500, nothing written), the first one's change is kept."""
+    backend = HARNESSES[store](make_app, request)
+    app = backend.make()
+    SessionStore.state(app).interface.max_bytes = 4096
+    _overlapping_routes(app)
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter"))
+    statuses: list[int] = []
+
+    def writer(n: int) -> None:
+        worker = app.test_client()
+        worker.set_cookie("session", sid)
+        time.sleep(0.01 * n)  # the second loads before the first writes, writes after it
+        statuses.append(worker.post(f"/put/big{n}?value={'x' * 2500}").status_code)
+
+    _in_threads(2, writer)
+    assert sorted(statuses) == [200, 500]
+    stored = client.get("/all").json
+    assert stored is not None
+    assert len([key for key in stored if key.startswith("big")]) == 1
+    assert stored["counter"] == 1

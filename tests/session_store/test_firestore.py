@@ -12,6 +12,7 @@ import pytest
 from flask import Flask, session
 from google.cloud import firestore
 
+from pyloto_corp.session_store import codec
 from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from tests.conftest import MakeApp
@@ -58,7 +59,9 @@ def test_document_fields(app: Flask, sessions: firestore.CollectionReference) ->
     document = _doc(sessions, sid)
     assert document is not None
     assert set(document) == {"data", "expires_at", "updated_at"}
-    assert isinstance(document["data"], bytes)
+    # One map entry per session key, each its encoded value.
+    assert set(document["data"]) == {"_permanent", "_created_at", "counter"}
+    assert codec.unpack_value(document["data"]["counter"]) == 1
     expected = before + timedelta(hours=1)
     assert timedelta(0) <= document["expires_at"] - expected < timedelta(seconds=5)
     assert document["updated_at"] >= before - timedelta(seconds=1)

@@ -11,25 +11,14 @@ from flask import Flask
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import hashed_store_id
 from tests.conftest import MakeApp
-
-# Connection set-up, not work done for a request.
-_HANDSHAKE = {"cmdstat_hello", "cmdstat_client|setinfo", "cmdstat_ping"}
-
-
-def _commands(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): int(value["calls"])
-        for name, value in stats.items()
-        if name not in _HANDSHAKE and not name.startswith(("cmdstat_info", "cmdstat_config"))
-    }
+from tests.redis_commands import commands
 
 
 def _measure(client: redis.Redis, request: object) -> dict[str, int]:
     client.config_resetstat()
     assert callable(request)
     request()
-    return _commands(client)
+    return commands(client)
 
 
 @pytest.fixture
@@ -39,11 +28,33 @@ def app(make_app: MakeApp, redis_env: dict[str, str]) -> Flask:
 
 def test_commands_per_request(app: Flask, redis_client: redis.Redis) -> None:
     client = app.test_client()
+    # Round trips: each script call is one, whatever it runs inside Redis. A server that does
+    # not know a script yet answers NOSCRIPT once: it is loaded, and the call repeated.
+    redis_client.script_flush()
+    first = app.test_client()
+    assert _measure(redis_client, lambda: first.post("/session/counter")) == {
+        "evalsha": 2,
+        "script|load": 1,
+    }
+    first.get("/session/counter")
     assert _measure(redis_client, lambda: client.get("/session/counter")) == {}
-    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"set": 1}
-    assert _measure(redis_client, lambda: client.get("/session/counter")) == {"getex": 1}
-    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"getex": 1, "set": 1}
-    assert _measure(redis_client, lambda: client.delete("/session")) == {"getex": 1, "del": 1}
+    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"evalsha": 1}
+    assert _measure(redis_client, lambda: client.get("/session/counter")) == {"evalsha": 1}
+    assert _measure(redis_client, lambda: client.post("/session/counter")) == {"evalsha": 2}
+    assert _measure(redis_client, lambda: client.delete("/session")) == {
+        "evalsha": 1,
+        "unlink": 1,
+    }
+
+
+def test_a_change_writes_only_the_keys_it_changed(app: Flask, redis_client: redis.Redis) -> None:
+    client = app.test_client()
+    client.post("/session/counter")
+    redis_client.config_resetstat()
+    client.post("/session/counter")
+    inside = commands(redis_client, ours=False)
+    assert inside["hset"] == 1  # the counter; _permanent and _created_at were unchanged
+    assert "hdel" not in inside
 
 
 def test_reading_slides_the_idle_timeout(app: Flask, redis_client: redis.Redis) -> None:

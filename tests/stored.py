@@ -1,0 +1,30 @@
+"""Reading and writing a session as the store holds it, whatever the backend's format.
+
+Through the backend's own contract (``read`` / ``create``), so a test states what is stored
+without repeating each backend's layout.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask
+
+from pyloto_corp.session_store import SessionStore, codec
+
+LIFETIME = timedelta(hours=1)
+
+
+def stored_session(app: Flask, store_id: str) -> dict[str, Any] | None:
+    """The decoded session stored under ``store_id`` (its expiry slides, as on any read)."""
+    interface = SessionStore.state(app).interface
+    record = interface.read(store_id, LIFETIME)
+    return None if record is None else interface.decode(record, store_id)
+
+
+def store_session(app: Flask, store_id: str, data: dict[str, Any]) -> None:
+    """Store ``data`` as a new session under ``store_id``, as another instance would."""
+    interface = SessionStore.state(app).interface
+    fields = {key: codec.pack_value(key, value) for key, value in data.items()}
+    assert interface.create(store_id, fields, LIFETIME)
