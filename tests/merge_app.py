@@ -7,12 +7,18 @@ waits (so requests of one session overlap), then writes its own key.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import threading
 import time
 
 from flask import Flask, request, session
 
 from pyloto_corp import create_app
+
+#: The load: THREADS clients of one session, each sending REQUESTS writes of its own keys.
+THREADS, REQUESTS = 8, 25
 
 
 def _routes(app: Flask) -> Flask:
@@ -56,3 +62,41 @@ def flask_session_defaults() -> Flask:
         return {"status": "ok"}
 
     return _routes(app)
+
+
+def _request(
+    port: int, method: str, path: str, cookie: str | None = None
+) -> tuple[int, str | None, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, headers={"Cookie": cookie} if cookie else {})
+        response = connection.getresponse()
+        body = response.read()
+        set_cookie = response.getheader("Set-Cookie")
+        return response.status, set_cookie.split(";", 1)[0] if set_cookie else None, body
+    finally:
+        connection.close()
+
+
+def concurrent_writers(port: int) -> tuple[list[int], int]:
+    """THREADS x REQUESTS requests, each writing its own key into one session; the statuses
+    and how many of the keys the session holds afterwards."""
+    status, cookie, _ = _request(port, "POST", "/seed")
+    assert status == 200
+    assert cookie is not None
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def writer(thread: int) -> None:
+        for index in range(REQUESTS):
+            result = _request(port, "POST", f"/keys/k{thread}_{index}", cookie)[0]
+            with lock:
+                statuses.append(result)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    _, _, body = _request(port, "GET", "/keys", cookie)
+    return statuses, len(json.loads(body)["keys"])

@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SECRET
+from tests.merge_app import REQUESTS, THREADS, concurrent_writers
 from tests.services import FirestoreEmulator, Gunicorn, RedisServer
-
-THREADS, REQUESTS = 8, 25
-
-
-def _request(
-    port: int, method: str, path: str, cookie: str | None = None
-) -> tuple[int, str | None, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(method, path, headers={"Cookie": cookie} if cookie else {})
-        response = connection.getresponse()
-        body = response.read()
-        set_cookie = response.getheader("Set-Cookie")
-        return response.status, set_cookie.split(";", 1)[0] if set_cookie else None, body
-    finally:
-        connection.close()
-
-
-def _concurrent_writers(port: int) -> tuple[list[int], int]:
-    """THREADS x REQUESTS requests, each writing its own key into one session; the statuses
-    and how many of the keys the session holds afterwards."""
-    status, cookie, _ = _request(port, "POST", "/seed")
-    assert status == 200
-    assert cookie is not None
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def writer(thread: int) -> None:
-        for index in range(REQUESTS):
-            result = _request(port, "POST", f"/keys/k{thread}_{index}", cookie)[0]
-            with lock:
-                statuses.append(result)
-
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    _, _, body = _request(port, "GET", "/keys", cookie)
-    return statuses, len(json.loads(body)["keys"])
 
 
 @pytest.fixture
@@ -86,13 +45,13 @@ def test_redis_keeps_every_concurrent_change_flask_session_loses_some(
         **env,
         **workers,
     )
-    statuses, kept = _concurrent_writers(ours.port)
+    statuses, kept = concurrent_writers(ours.port)
     _report("ours redis", statuses, kept)
     assert statuses == [200] * THREADS * REQUESTS
     assert kept == THREADS * REQUESTS
 
     theirs = serve("tests.merge_app:flask_session_defaults()", **env, **workers)
-    statuses, kept = _concurrent_writers(theirs.port)
+    statuses, kept = concurrent_writers(theirs.port)
     _report("Flask-Session 0.8 defaults", statuses, kept)
     assert statuses == [200] * THREADS * REQUESTS
     assert kept < THREADS * REQUESTS  # the last write wins: the others' keys are gone
@@ -110,7 +69,7 @@ def test_firestore_keeps_every_concurrent_change(
         GUNICORN_WORKERS="2",
         GUNICORN_THREADS="4",
     )
-    statuses, kept = _concurrent_writers(server.port)
+    statuses, kept = concurrent_writers(server.port)
     _report("ours firestore", statuses, kept)
     assert statuses == [200] * THREADS * REQUESTS
     assert kept == THREADS * REQUESTS
@@ -122,7 +81,7 @@ def test_memory_keeps_every_concurrent_change_in_its_process(
     server = serve(
         "tests.merge_app:ours()", ENV="development", GUNICORN_WORKERS="1", GUNICORN_THREADS="8"
     )
-    statuses, kept = _concurrent_writers(server.port)
+    statuses, kept = concurrent_writers(server.port)
     _report("ours memory", statuses, kept)
     assert statuses == [200] * THREADS * REQUESTS
     assert kept == THREADS * REQUESTS

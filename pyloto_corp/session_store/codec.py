@@ -27,7 +27,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from decimal import Decimal
 from enum import Enum
 from typing import Any, Final
 
@@ -235,6 +234,8 @@ def _advice(value: Any) -> str:
         return "store a plain datetime"
     if isinstance(value, date):
         return "store a datetime, or its isoformat() str"
+    from decimal import Decimal  # only on this error path: the module costs ~1 ms to import
+
     if isinstance(value, time | timedelta | Decimal):
         return "store its str() and parse it when reading"
     if isinstance(value, str | int | float | bytes):
