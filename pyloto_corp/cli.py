@@ -19,7 +19,7 @@ from flask.cli import NoAppException, ScriptInfo
 
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
-from .session_store import SessionStore
+from .session_store import SessionStore, revoke_user_sessions, user_sessions
 from .session_store.extension import EXTENSION_KEY, StoreState
 
 
@@ -30,8 +30,8 @@ def _settings(environment: str | None = None) -> Settings:
     return Settings.from_env(environ)
 
 
-def _store() -> StoreState:
-    """The store registered on the app Flask loads; without one (``python -m pyloto_corp``, or
+def _app() -> Flask:
+    """The app Flask loads, with its SessionStore; without one (``python -m pyloto_corp``, or
     no app to find), the environment's configuration on a bare app."""
     info = click.get_current_context().find_object(ScriptInfo)
     app: Flask | None = None
@@ -47,13 +47,17 @@ def _store() -> StoreState:
             raise click.ClickException(
                 f"The app {app.name!r} has no SessionStore registered; call SessionStore(app)."
             )
-        return SessionStore.state(app)
+        return app
     app = Flask("pyloto_corp.cli")
     try:
         SessionStore(app, _settings())
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
-    return SessionStore.state(app)
+    return app
+
+
+def _store() -> StoreState:
+    return SessionStore.state(_app())
 
 
 @click.group("session-store")
@@ -119,3 +123,34 @@ def cleanup(batch_size: int) -> None:
     except SessionStoreUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Deleted {deleted} expired session(s) from collection {interface.collection!r}.")
+
+
+@session_store_cli.command("sessions")
+@click.option("--user", "user_id", required=True, help="The user id (SESSION_USER_KEY's value).")
+def list_sessions(user_id: str) -> None:
+    """List a user's live sessions: when each began and was last used (no ids)."""
+    app = _app()
+    with app.app_context():
+        try:
+            found = user_sessions(user_id)
+        except SessionStoreUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    for item in found:
+        click.echo(
+            f"{item.handle}  created {item.created_at:%Y-%m-%d %H:%M:%S}Z  "
+            f"last seen {item.last_seen:%Y-%m-%d %H:%M:%S}Z"
+        )
+    click.echo(f"{len(found)} live session(s).")
+
+
+@session_store_cli.command()
+@click.option("--user", "user_id", required=True, help="The user id (SESSION_USER_KEY's value).")
+def revoke(user_id: str) -> None:
+    """End every session of a user at once (password change, compromised account)."""
+    app = _app()
+    with app.app_context():
+        try:
+            ended = revoke_user_sessions(user_id)
+        except SessionStoreUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"Ended {ended} session(s).")

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 #: Commands the session scripts run inside Redis (not round trips of their own).
-SCRIPT_INTERNAL = frozenset({"hgetall", "expire", "exists", "hset", "hdel", "getex", "del"})
+SCRIPT_INTERNAL = frozenset(
+    {"hgetall", "expire", "exists", "hset", "hdel", "getex", "del", "zadd", "zremrangebyscore"}
+)
 #: Connection set-up and the measurement itself, not work done for a request.
 HANDSHAKE = frozenset({"hello", "client|setinfo", "ping", "info", "config|resetstat"})
 

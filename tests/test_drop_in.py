@@ -33,7 +33,7 @@ from itsdangerous import URLSafeTimedSerializer
 from markupsafe import Markup
 from werkzeug.test import TestResponse
 
-from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import SessionStore, revoke_user_sessions, user_sessions
 from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from tests.host_app import HOST_COOKIE_NAME, HOST_SECRET_KEY, create_host_app
@@ -299,6 +299,23 @@ def test_remember_me_restores_a_stale_login_that_fresh_views_refuse(backend: Bac
 
 
 # --- Flask-WTF and the host's own configuration ---------------------------------------------
+
+
+@every_backend
+def test_flask_login_users_are_logged_out_everywhere(backend: Backend) -> None:
+    """Flask-Login writes _user_id: the sessions are indexed with no code in the app."""
+    app = backend.app()
+    anas = [Browser(app) for _ in range(3)]
+    for browser in anas:
+        browser.login("ana")
+    bob = Browser(app)
+    bob.login("bob")
+    with app.app_context():
+        assert len(user_sessions("ana")) == 3
+        assert revoke_user_sessions("ana") == 3
+    for browser in anas:
+        assert browser.get("/me").json["user"] == "anonymous"  # type: ignore[index]
+    assert bob.get("/me").json["user"] == "bob"  # type: ignore[index]
 
 
 @every_backend

@@ -39,6 +39,7 @@ class Var:
     SESSION_ID_LENGTH: Final = "SESSION_ID_LENGTH"
     SESSION_MAX_BYTES: Final = "SESSION_MAX_BYTES"
     SESSION_KEY_PREFIX: Final = "SESSION_KEY_PREFIX"
+    SESSION_USER_KEY: Final = "SESSION_USER_KEY"
     SESSION_COOKIE_NAME: Final = "SESSION_COOKIE_NAME"
     SESSION_COOKIE_SECURE: Final = "SESSION_COOKIE_SECURE"
     SESSION_COOKIE_HTTPONLY: Final = "SESSION_COOKIE_HTTPONLY"
@@ -175,6 +176,8 @@ class Settings:
     #: Largest encoded session a backend accepts (Firestore is also capped by its 1 MiB limit).
     session_max_bytes: int = 512 * 1024
     session_key_prefix: str = "session:"
+    #: The session key naming its user (Flask-Login's): what "log out everywhere" indexes.
+    session_user_key: str = "_user_id"
     session_cookie_name: str = "session"
     #: ``None`` means "safe default": ``True`` in staging/production, ``False`` elsewhere.
     session_cookie_secure: bool | None = None
@@ -217,6 +220,7 @@ class Settings:
             "session_id_length": env.int(Var.SESSION_ID_LENGTH, None),
             "session_max_bytes": env.int(Var.SESSION_MAX_BYTES, None),
             "session_key_prefix": env.str(Var.SESSION_KEY_PREFIX, None),
+            "session_user_key": env.str(Var.SESSION_USER_KEY, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
             "session_cookie_httponly": env.bool(Var.SESSION_COOKIE_HTTPONLY, None),
@@ -307,6 +311,11 @@ class Settings:
             problems += self.store.problems(self)
         if not self.session_key_prefix or len(self.session_key_prefix) > 100:
             problems.append(f"{Var.SESSION_KEY_PREFIX} must be 1 to 100 characters.")
+        if not 0 < len(self.session_user_key) <= 200:
+            problems.append(
+                f"{Var.SESSION_USER_KEY} must be 1 to 200 characters (default _user_id, the key "
+                "Flask-Login writes)."
+            )
         problems += self._lifetime_problems()
         if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
             problems.append(f"{Var.SESSION_MAX_BYTES} must be between 1024 and 67108864 bytes.")
@@ -416,6 +425,7 @@ class Settings:
             Var.SESSION_ID_LENGTH: self.session_id_length,
             Var.SESSION_MAX_BYTES: self.session_max_bytes,
             Var.SESSION_KEY_PREFIX: self.session_key_prefix,
+            Var.SESSION_USER_KEY: self.session_user_key,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,

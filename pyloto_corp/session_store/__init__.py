@@ -6,7 +6,24 @@ chosen, so a Redis deployment never pays for importing google.cloud.
 
 from __future__ import annotations
 
+from .base import UserSession
 from .extension import EXTENSION_KEY, SessionStore, StoreState
-from .lifecycle import end_session, rotate_session_id
+from .lifecycle import (
+    end_session,
+    revoke_session,
+    revoke_user_sessions,
+    rotate_session_id,
+    user_sessions,
+)
 
-__all__ = ["EXTENSION_KEY", "SessionStore", "StoreState", "end_session", "rotate_session_id"]
+__all__ = [
+    "EXTENSION_KEY",
+    "SessionStore",
+    "StoreState",
+    "UserSession",
+    "end_session",
+    "revoke_session",
+    "revoke_user_sessions",
+    "rotate_session_id",
+    "user_sessions",
+]

@@ -92,6 +92,18 @@ class Record:
 
 
 @dataclass(frozen=True)
+class UserSession:
+    """One session of a user, as ``user_sessions()`` lists it: nothing that would let the
+    caller act as the user (no session id, no store key)."""
+
+    #: Opaque, stable for the session's life: pass it to ``revoke_session()``.
+    handle: str
+    created_at: datetime
+    #: When a request last used the session (Firestore: to within its refresh interval).
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
 class Changes:
     """What a request's save does to the stored record: only the keys it changed."""
 
@@ -115,7 +127,30 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "sid_length": settings.session_id_length,
         "absolute_lifetime": settings.session_absolute_lifetime,
         "max_bytes": settings.session_max_bytes,
+        "user_key": settings.session_user_key,
     }
+
+
+def handle_of(store_id: str) -> str:
+    """A session's public handle: derived from the store key, and no way back to it."""
+    return hashlib.sha256(b"pyloto-session-handle:" + store_id.encode()).hexdigest()[:32]
+
+
+def user_session(
+    store_id: str, fields: Mapping[str, bytes], lifetime: timedelta, seconds_left: float
+) -> UserSession:
+    """What ``user_sessions()`` shows of a record: when it began (``_created_at``) and when it
+    was last used (its idle expiry, slid by every use, minus the lifetime)."""
+    now = time.time()
+    raw = fields.get(CREATED_AT)
+    created = codec.unpack_value(raw) if raw is not None else None
+    started = created if isinstance(created, int | float) else now
+    last_seen = now - max(0.0, lifetime.total_seconds() - seconds_left)
+    return UserSession(
+        handle=handle_of(store_id),
+        created_at=datetime.fromtimestamp(started, UTC),
+        last_seen=datetime.fromtimestamp(max(started, last_seen), UTC),
+    )
 
 
 def record_size(fields: Mapping[str, bytes]) -> int:
@@ -133,7 +168,8 @@ class StoreSession(ServerSideSession):
     """Flask-Session's session, plus what the store said about it when this request opened it.
 
     ``stored`` is the record read (None: a new session, or one moved to a new id);
-    ``replaces`` is the store id a login left behind, deleted once the new record is written.
+    ``replaces`` is the store id a login left behind, deleted once the new record is written;
+    ``owner`` is the user the stored record belonged to (``SESSION_USER_KEY``) when it was read.
     """
 
     def __init__(
@@ -142,10 +178,12 @@ class StoreSession(ServerSideSession):
         sid: str | None = None,
         permanent: bool | None = None,
         stored: Record | None = None,
+        owner: str | None = None,
     ) -> None:
         super().__init__(initial, sid, permanent)
         self.stored = stored
         self.replaces: str | None = None
+        self.owner = owner
 
     def __bool__(self) -> bool:
         # Only the extension's own keys left (a logout key by key) counts as empty, as in Flask.
@@ -212,10 +250,12 @@ class StoreInterface(ServerSideSessionInterface):
         sid_length: int = 32,
         absolute_lifetime: timedelta = timedelta(days=7),
         max_bytes: int = 512 * 1024,
+        user_key: str = "_user_id",
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
         self.max_bytes = max_bytes
+        self.user_key = user_key
 
     # -- the contract: what each backend implements ------------------------------------------------
 
@@ -249,6 +289,31 @@ class StoreInterface(ServerSideSessionInterface):
         """A read-only request ends: slide the expiry if ``read`` did not (Firestore does it
         lazily). A record gone meanwhile is left gone."""
 
+    # -- the user index ("log out everywhere") ---------------------------------------------------
+
+    @abstractmethod
+    def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
+        """The live sessions that belong to ``user`` now, by store id. Expired ones are left
+        out (and dropped from any index on the way)."""
+
+    def index(self, store_id: str, user: str) -> None:
+        """``store_id`` now belongs to ``user``: one store operation at most. Stores that keep
+        the user in the record itself (and query it) do nothing here."""
+
+    def unindex(self, store_id: str, user: str) -> None:
+        """``store_id`` no longer belongs to ``user`` (logout, or the record was deleted)."""
+
+    def revoke(self, user: str, keep: str | None = None) -> int:
+        """End every session of ``user`` but ``keep`` (a store id); how many ended. The records
+        are deleted, so a request of such a session already running cannot write it back."""
+        ended = 0
+        for store_id in self.find_user_sessions(user, timedelta(0)):
+            if store_id != keep:
+                self.delete(store_id)
+                self.unindex(store_id, user)
+                ended += 1
+        return ended
+
     # -- reading -----------------------------------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
@@ -266,7 +331,7 @@ class StoreInterface(ServerSideSessionInterface):
             return UnavailableSession(sid=self._generate_sid(self.sid_length))
         if record is None or data is None:
             return self.new_session()
-        return self.session_class(data, sid=sid, stored=record)
+        return self.session_class(data, sid=sid, stored=record, owner=self.user_of(data))
 
     def new_session(self) -> StoreSession:
         return self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
@@ -342,8 +407,7 @@ class StoreInterface(ServerSideSessionInterface):
             if session.modified or session.replaces is not None or session.stored is not None:
                 # Emptied (clear(), logout, key by key), or stored empty by an older release:
                 # delete it and the cookie.
-                for stale in self._stale_ids(session, store_id):
-                    self.delete(stale)
+                self._forget(session, store_id)
                 self._delete_cookie(app, response)
             return
         if not session.modified:
@@ -353,16 +417,49 @@ class StoreInterface(ServerSideSessionInterface):
         if CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         fields = self.encode(session)
+        rewritten = session.stored is None
         if session.stored is not None:
             changes = self.changes(fields, session.stored)
+            rewritten = changes.whole
             if changes and not self.update(store_id, changes, lifetime, session.stored):
                 raise SessionGone
         else:
             self._create(session, fields, lifetime)
+            store_id = self.store_id(session.sid)
         if session.replaces is not None:
             # After the new record exists: a login that failed leaves the old session intact.
             self.delete(session.replaces)
+            if session.owner is not None:
+                self.unindex(session.replaces, session.owner)
+            session.owner = None
+        self._reindex(session, store_id, rewritten)
         self._set_cookie(app, session, response)
+
+    def _reindex(self, session: StoreSession, store_id: str, rewritten: bool) -> None:
+        """Keep the user index in step when the session's user appears, changes or goes (and
+        when a record is written whole: a new session, or one an earlier release stored)."""
+        user = self.user_of(session)
+        if user == session.owner and not (rewritten and user is not None):
+            return
+        if session.owner is not None and session.owner != user:
+            self.unindex(store_id, session.owner)
+        if user is not None:
+            self.index(store_id, user)
+        session.owner = user
+
+    def _forget(self, session: StoreSession, store_id: str) -> None:
+        """Delete the session's records (and their index entries) from the store."""
+        for stale in self._stale_ids(session, store_id):
+            self.delete(stale)
+            if session.owner is not None:
+                self.unindex(stale, session.owner)
+        session.owner = None
+
+    def user_of(self, data: dict[str, Any]) -> str | None:
+        """The user a session belongs to: its ``SESSION_USER_KEY`` value, as text (read
+        without marking the session accessed)."""
+        value = dict.get(data, self.user_key)
+        return None if value is None else str(value)
 
     @staticmethod
     def _stale_ids(session: StoreSession, store_id: str) -> Iterable[str]:
@@ -461,8 +558,7 @@ class StoreInterface(ServerSideSessionInterface):
         """Log out now: delete the stored record and move the session to a new, empty id, so
         nothing written later (in this request or one already running) brings the old id back."""
         session = _unproxied(session)
-        for stale in self._stale_ids(session, self.store_id(session.sid)):
-            self.delete(stale)
+        self._forget(session, self.store_id(session.sid))
         session.sid = self._generate_sid(self.sid_length)
         session.stored = None
         session.replaces = None

@@ -44,7 +44,17 @@ from google.cloud.firestore_v1.field_path import FieldPath
 
 from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
 from ..errors import SessionStoreUnavailable
-from .base import Changes, Record, StoreInterface, StoreOptions, interface_options
+from . import codec
+from .base import (
+    CREATED_AT,
+    Changes,
+    Record,
+    StoreInterface,
+    StoreOptions,
+    UserSession,
+    interface_options,
+    user_session,
+)
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -57,6 +67,8 @@ FIRESTORE_REFRESH_INTERVAL = "FIRESTORE_REFRESH_INTERVAL"
 #: Firestore's document limit is 1 MiB including field names and the document name.
 MAX_DATA_BYTES = 1_048_576 - 4_096
 DELETE_BATCH_SIZE = 500
+#: The document field holding the session's user (SESSION_USER_KEY's value, as text).
+USER_FIELD = "user"
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -284,6 +296,9 @@ class FirestoreSessionInterface(StoreInterface):
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         now = _now()
         document = {"data": self._data(fields), "expires_at": now + lifetime, "updated_at": now}
+        owner = self._owner(fields)
+        if owner is not None:
+            document[USER_FIELD] = owner
         try:
             self._call(self._document(store_id).create, document)
         except google_exceptions.AlreadyExists:
@@ -300,7 +315,16 @@ class FirestoreSessionInterface(StoreInterface):
                 updates[FieldPath("data", field_name(key)).to_api_repr()] = raw
             for key in changes.delete:
                 updates[FieldPath("data", field_name(key)).to_api_repr()] = firestore.DELETE_FIELD
+        if changes.whole or self.user_key in changes.set or self.user_key in changes.delete:
+            owner = self._owner(changes.set)
+            updates[USER_FIELD] = firestore.DELETE_FIELD if owner is None else owner
         return self._update(store_id, updates)
+
+    def _owner(self, fields: Mapping[str, bytes]) -> str | None:
+        """The ``user`` field: the session's user as text, queried by find_user_sessions()."""
+        raw = fields.get(self.user_key)
+        value = None if raw is None else codec.unpack_value(raw)
+        return None if value is None else str(value)
 
     def _update(self, store_id: str, fields: dict[str, Any]) -> bool:
         try:
@@ -327,6 +351,39 @@ class FirestoreSessionInterface(StoreInterface):
     def ping(self) -> None:
         """One cheap read, to prove the database answers (readiness, ``ping``)."""
         self._call(self._document(self.key_prefix + "ping").get)
+
+    # -- the user index: the ``user`` field, queried with an equality filter -----------------------
+
+    def _user_documents(self, user: str) -> list[Any]:
+        collection = self.client.collection(self.collection)
+        query = collection.where(filter=FieldFilter(USER_FIELD, "==", user))
+        return list(self._call(query.get))
+
+    def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
+        now = _now()
+        found: dict[str, UserSession] = {}
+        for snapshot in self._user_documents(user):
+            document = snapshot.to_dict() or {}
+            expires_at, data = document.get("expires_at"), document.get("data")
+            if not isinstance(expires_at, datetime) or expires_at <= now:
+                continue  # expired: the TTL policy or `cleanup` deletes it
+            fields = {}
+            if isinstance(data, dict) and isinstance(data.get(CREATED_AT), bytes):
+                fields[CREATED_AT] = data[CREATED_AT]
+            left = (expires_at - now).total_seconds()
+            found[snapshot.id] = user_session(snapshot.id, fields, lifetime, left)
+        return found
+
+    def revoke(self, user: str, keep: str | None = None) -> int:
+        """Delete the user's live sessions in batches of up to 500."""
+        targets = [s for s in self.find_user_sessions(user, timedelta(0)) if s != keep]
+        collection = self.client.collection(self.collection)
+        for start in range(0, len(targets), DELETE_BATCH_SIZE):
+            batch = self.client.batch()
+            for store_id in targets[start : start + DELETE_BATCH_SIZE]:
+                batch.delete(collection.document(store_id))
+            self._call(batch.commit)
+        return len(targets)
 
     # -- operations --------------------------------------------------------------------------------
 

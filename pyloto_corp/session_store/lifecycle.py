@@ -1,4 +1,4 @@
-"""The two calls an app makes around authentication (OWASP session management).
+"""The calls an app makes around authentication (OWASP session management).
 
 ``rotate_session_id()`` at login and at any change of privilege: the session moves to a new
 random id; the new record is written at the end of the request and only then is the old id
@@ -8,13 +8,17 @@ fails (503, too large) leaves the pre-login session as it was. The absolute time
 ``end_session()`` at logout: the stored session is deleted now, and the session moves to a new,
 empty id, so nothing written later in the request (``flash("Signed out")``) or by a request
 already running brings the old id back. Flask-Login users: call it before ``logout_user()``.
+
+``user_sessions(user_id)`` and ``revoke_user_sessions(user_id)``: every session whose
+``SESSION_USER_KEY`` (Flask-Login's ``_user_id`` by default) holds ``user_id``, listed or ended
+at once (a password change, a compromised account, "sign out other devices").
 """
 
 from __future__ import annotations
 
-from flask import current_app, session
+from flask import current_app, has_request_context, session
 
-from .base import StoreInterface
+from .base import StoreInterface, UserSession
 
 
 def _interface() -> StoreInterface:
@@ -32,3 +36,44 @@ def rotate_session_id() -> None:
 def end_session() -> None:
     """Log out now: delete the stored session; the cookie goes at the end of the request."""
     _interface().end(session)
+
+
+def user_sessions(user_id: object) -> list[UserSession]:
+    """The live sessions of ``user_id``, oldest first: an opaque handle, when each began and
+    when it was last used; never a session id or a store key."""
+    interface = _interface()
+    lifetime = current_app.permanent_session_lifetime
+    found = interface.find_user_sessions(str(user_id), lifetime)
+    return sorted(found.values(), key=lambda item: (item.created_at, item.handle))
+
+
+def _current_store_id(interface: StoreInterface) -> str | None:
+    if not has_request_context():
+        return None
+    sid = getattr(session, "sid", None)
+    return interface.store_id(sid) if isinstance(sid, str) else None
+
+
+def revoke_user_sessions(user_id: object, *, keep_current: bool = False) -> int:
+    """End every session of ``user_id`` (but the current request's, with ``keep_current``);
+    how many ended. A request of a revoked session that is already running cannot write it
+    back (a write answers 409), the current request's included: after a password change keep
+    the current session (``keep_current=True``) and rotate its id instead."""
+    interface = _interface()
+    keep = _current_store_id(interface) if keep_current else None
+    return interface.revoke(str(user_id), keep)
+
+
+def revoke_session(user_id: object, handle: str) -> bool:
+    """End one session of ``user_id``, named by a handle from ``user_sessions()`` (a "sign out
+    this device" button); False when no live session of that user has that handle."""
+    interface = _interface()
+    user = str(user_id)
+    for store_id, found in interface.find_user_sessions(
+        user, current_app.permanent_session_lifetime
+    ).items():
+        if found.handle == handle:
+            interface.delete(store_id)
+            interface.unindex(store_id, user)
+            return True
+    return False

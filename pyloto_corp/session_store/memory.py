@@ -19,13 +19,16 @@ from environs import Env
 from flask import Flask
 
 from ..config.settings import MEMORY, Settings
+from . import codec
 from .base import (
     Changes,
     Record,
     StoreInterface,
     StoreOptions,
+    UserSession,
     interface_options,
     record_size,
+    user_session,
 )
 
 
@@ -114,6 +117,12 @@ class MemoryStore:
         with self._lock:
             self._items.pop(key, None)
 
+    def live(self) -> list[tuple[str, dict[str, bytes], float]]:
+        """Every unexpired record: (key, fields, seconds left)."""
+        now = time.monotonic()
+        with self._lock:
+            return [(k, dict(f), exp - now) for k, (f, exp) in self._items.items() if exp > now]
+
     def _evict(self, now: float) -> None:
         for key in [k for k, (_, expires) in self._items.items() if expires <= now]:
             del self._items[key]
@@ -147,6 +156,15 @@ class MemorySessionInterface(StoreInterface):
 
     def ping(self) -> None:
         """Always answers: it is this process."""
+
+    def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
+        """A scan of the process's sessions: development has few."""
+        found: dict[str, UserSession] = {}
+        for store_id, fields, left in self.store.live():
+            owner = fields.get(self.user_key)
+            if owner is not None and str(codec.unpack_value(owner)) == user:
+                found[store_id] = user_session(store_id, fields, lifetime, left)
+        return found
 
 
 def create_interface(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +34,17 @@ from redis.retry import Retry
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
-from .base import Changes, Record, StoreInterface, StoreOptions, interface_options
+from . import codec
+from .base import (
+    CREATED_AT,
+    Changes,
+    Record,
+    StoreInterface,
+    StoreOptions,
+    UserSession,
+    interface_options,
+    user_session,
+)
 
 if TYPE_CHECKING:
     from environs import Env
@@ -103,6 +114,16 @@ for i = first_deleted, #ARGV do
 end
 redis.call('EXPIRE', key, ttl)
 return 'ok'
+"""
+
+#: KEYS[1] a user's index (a sorted set of store ids scored by login time); ARGV: the store id,
+#: now, the oldest login time that can still be live (now - absolute lifetime), and the index's
+#: own lifetime. Entries past the absolute lifetime are dropped here, so the index stays bounded.
+INDEX_SCRIPT = """#!lua
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
 """
 
 
@@ -201,7 +222,8 @@ class RedisSessionInterface(StoreInterface):
         super().__init__(app, **options)
         self.client = client
         self.display_url = display_url
-        self._scripts = {source: _sha1(source) for source in (READ_SCRIPT, WRITE_SCRIPT)}
+        scripts = (READ_SCRIPT, WRITE_SCRIPT, INDEX_SCRIPT)
+        self._scripts = {source: _sha1(source) for source in scripts}
 
     def _unavailable(self, exc: Exception) -> SessionStoreUnavailable:
         return SessionStoreUnavailable(
@@ -266,8 +288,81 @@ class RedisSessionInterface(StoreInterface):
         # UNLINK, never used inside the scripts: a store round trip shows in INFO commandstats.
         self._call(self.client.unlink, store_id)
 
+    # -- the user index --------------------------------------------------------------------------
+
+    def index_key(self, user: str) -> str:
+        """One sorted set per user; the hash tag keeps it in one slot of a cluster."""
+        digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.key_prefix}user:{{{digest}}}"
+
+    def index(self, store_id: str, user: str) -> None:
+        now = time.time()
+        absolute = self.absolute_lifetime.total_seconds()
+        self._script(
+            INDEX_SCRIPT,
+            self.index_key(user),
+            store_id,
+            repr(now),
+            repr(now - absolute),
+            int(absolute) + 60,
+        )
+
+    def unindex(self, store_id: str, user: str) -> None:
+        self._call(self.client.zrem, self.index_key(user), store_id)
+
+    def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
+        """The index's members that still exist and still belong to ``user``; the others (expired,
+        logged out, taken over) are dropped from the index on the way."""
+        index = self.index_key(user)
+        members = [m.decode() for m in self._call(self.client.zrange, index, 0, -1)]
+        if not members:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for member in members:
+            pipe.hget(member, self.user_key)
+            pipe.hget(member, CREATED_AT)
+            pipe.pttl(member)
+        replies = self._call(pipe.execute, raise_on_error=False)
+        found: dict[str, UserSession] = {}
+        stale: list[str] = []
+        for position, member in enumerate(members):
+            owner, created, left = replies[3 * position : 3 * position + 3]
+            if not isinstance(owner, bytes) or _text(owner) != user or not _positive(left):
+                stale.append(member)
+                continue
+            fields = {CREATED_AT: created} if isinstance(created, bytes) else {}
+            found[member] = user_session(member, fields, lifetime, left / 1000)
+        if stale:
+            self._call(self.client.zrem, index, *stale)
+        return found
+
+    def revoke(self, user: str, keep: str | None = None) -> int:
+        """UNLINK every session of ``user`` but ``keep`` (split by slot on a cluster), then
+        the index (or just their entries, when one is kept)."""
+        targets = [m for m in self.find_user_sessions(user, timedelta(0)) if m != keep]
+        if not targets:
+            return 0
+        ended = int(self._call(self.client.unlink, *targets))
+        if keep is None:
+            self._call(self.client.unlink, self.index_key(user))
+        else:
+            self._call(self.client.zrem, self.index_key(user), *targets)
+        return ended
+
     def ping(self) -> None:
         self._call(self.client.ping)
+
+
+def _text(raw: bytes) -> str | None:
+    try:
+        value = codec.unpack_value(raw)
+    except ValueError:
+        return None
+    return None if value is None else str(value)
+
+
+def _positive(milliseconds: object) -> bool:
+    return isinstance(milliseconds, int) and milliseconds > 0
 
 
 def _sha1(source: str) -> str:

@@ -2,157 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask import Flask, request, session
-from werkzeug.test import TestResponse
 
-from pyloto_corp.config.settings import Settings
 from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store import redis as redis_backend
-from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
-from pyloto_corp.views import bp
-from tests.conftest import SECRET, MakeApp
-
-
-@dataclass
-class Harness:
-    """An app on one backend plus direct access to what that backend stored.
-
-    ``read_raw`` returns the record as stored (a mapping of field -> encoded value, or the bytes
-    of a record stored whole by an earlier release); ``write_raw`` stores bytes the way an
-    earlier release did (memory, which no release outlives, stores them as one field).
-    """
-
-    name: str
-    make: Callable[[], Flask]
-    read_raw: Callable[[Flask, str], object]
-    write_raw: Callable[[Flask, str, bytes], None]
-
-    def store_id(self, app: Flask, sid: str) -> str:
-        prefix = SessionStore.state(app).settings.session_key_prefix
-        return prefix + hashlib.sha256(sid.encode()).hexdigest()
-
-
-def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
-    def store(app: Flask) -> MemoryStore:
-        interface = app.session_interface
-        assert isinstance(interface, MemorySessionInterface)
-        return interface.store
-
-    def write(app: Flask, key: str, data: bytes) -> None:
-        store(app).delete(key)
-        store(app).add(key, {"counter": data}, 600)
-
-    return Harness(
-        "memory",
-        lambda: make_app(ENV="test"),
-        lambda app, key: store(app).get(key, 600),
-        write,
-    )
-
-
-def _read_redis(client: Any, key: str) -> object:
-    kind = client.type(key)
-    if kind == b"hash":
-        return {name.decode(): value for name, value in client.hgetall(key).items()}
-    return client.get(key) if kind == b"string" else None
-
-
-def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
-    environ = request.getfixturevalue("redis_env")
-    client = request.getfixturevalue("redis_client")
-    return Harness(
-        "redis",
-        lambda: make_app(**environ),
-        lambda app, key: _read_redis(client, key),
-        lambda app, key, data: client.set(key, data, ex=600),
-    )
-
-
-def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
-    from datetime import UTC, datetime, timedelta
-
-    from pyloto_corp.session_store.firestore import session_key
-
-    environ = request.getfixturevalue("firestore_env")
-    client = request.getfixturevalue("firestore_client")
-    sessions = client.collection("sessions")
-
-    def read(app: Flask, key: str) -> object:
-        snapshot = sessions.document(key).get()
-        if not snapshot.exists:
-            return None
-        data = snapshot.get("data")
-        return (
-            {session_key(name): raw for name, raw in data.items()}
-            if isinstance(data, dict)
-            else data
-        )
-
-    def write(app: Flask, key: str, data: bytes) -> None:
-        expires_at = datetime.now(UTC) + timedelta(hours=1)
-        sessions.document(key).set({"data": data, "expires_at": expires_at})
-
-    return Harness("firestore", lambda: make_app(**environ), read, write)
-
-
-def _redis_cluster(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
-    """The redis backend driving a caller's ``RedisCluster`` client, used as given."""
-    nodes = request.getfixturevalue("redis_cluster")
-    client = nodes.client()
-    request.addfinalizer(client.close)
-    for node in client.get_primaries():
-        client.flushall(target_nodes=node)
-
-    def make() -> Flask:
-        app = Flask("cluster_app")
-        app.testing = True
-        settings = Settings(
-            environment="production",
-            secret_key=SECRET,
-            session_store_backend="redis",
-            store=redis_backend.Options(url=nodes.url),
-        )
-        SessionStore(app, settings, client=client)
-        app.register_blueprint(bp)
-        return app
-
-    return Harness(
-        "redis_cluster",
-        make,
-        lambda app, key: _read_redis(client, key),
-        lambda app, key, data: client.set(key, data, ex=600),
-    )
-
-
-HARNESSES = {
-    "memory": _memory,
-    "redis": _redis,
-    "redis_cluster": _redis_cluster,
-    "firestore": _firestore,
-}
-
-
-@pytest.fixture(params=sorted(HARNESSES))
-def backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
-    return HARNESSES[request.param](make_app, request)
-
-
-def _sid(response: TestResponse) -> str:
-    header = response.headers.get("Set-Cookie", "")
-    assert header.startswith("session="), header
-    return header.split(";", 1)[0].split("=", 1)[1]
+from tests.conftest import MakeApp
+from tests.session_store.conftest import HARNESSES, Harness, sid_of
 
 
 def test_round_trip(backend: Harness) -> None:
@@ -172,7 +35,7 @@ def test_request_without_session_sets_no_cookie_and_stores_nothing(backend: Harn
 def test_store_key_is_a_hash_of_the_session_id(backend: Harness) -> None:
     app = backend.make()
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     assert backend.read_raw(app, SessionStore.state(app).settings.session_key_prefix + sid) is None
     assert backend.read_raw(app, backend.store_id(app, sid)) is not None
 
@@ -180,7 +43,7 @@ def test_store_key_is_a_hash_of_the_session_id(backend: Harness) -> None:
 def test_logout_deletes_the_stored_session_and_the_cookie(backend: Harness) -> None:
     app = backend.make()
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     response = client.delete("/session")
     assert "session=;" in response.headers["Set-Cookie"]
     assert backend.read_raw(app, backend.store_id(app, sid)) is None
@@ -199,8 +62,8 @@ def test_regenerate_moves_the_session_to_a_new_id(backend: Harness) -> None:
         return {"ok": True}
 
     client = app.test_client()
-    old_sid = _sid(client.post("/session/counter"))
-    new_sid = _sid(client.post("/login"))
+    old_sid = sid_of(client.post("/session/counter"))
+    new_sid = sid_of(client.post("/login"))
     assert new_sid != old_sid
     assert backend.read_raw(app, backend.store_id(app, old_sid)) is None
     assert client.get("/session/counter").json == {"counter": 1}
@@ -214,7 +77,7 @@ def test_unknown_cookie_gets_a_fresh_session(backend: Harness, cookie: str) -> N
     assert client.get("/session/counter").json == {"counter": 0}
     response = client.post("/session/counter")
     assert response.json == {"counter": 1}
-    assert _sid(response) != cookie
+    assert sid_of(response) != cookie
 
 
 class _Exploit:
@@ -240,7 +103,7 @@ def test_corrupt_or_hostile_stored_data_gives_a_fresh_session(
     }[payload]
     app = backend.make()
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     backend.write_raw(app, backend.store_id(app, sid), raw)
 
     with caplog.at_level(logging.WARNING, logger="pyloto_corp"):
@@ -262,7 +125,7 @@ def test_oversized_session_is_refused_and_the_stored_one_kept(
         return {"ok": True}
 
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     before = backend.read_raw(app, backend.store_id(app, sid))
     response = client.post("/big", headers={"Accept": "application/json"})
     assert response.status_code == 500
@@ -294,7 +157,7 @@ def test_absolute_lifetime_ends_an_active_session(backend: Harness) -> None:
         return {"ok": True}
 
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     client.post("/age")
     assert backend.read_raw(app, backend.store_id(app, sid)) is not None
     assert client.get("/session/counter").json == {"counter": 0}
@@ -319,7 +182,7 @@ def test_logout_is_final_for_a_request_that_started_before_it(
         return {"ok": True}
 
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     results: dict[str, object] = {}
 
     def run_slow() -> None:
@@ -370,7 +233,7 @@ def test_concurrent_changes_to_different_keys_all_land(backend: Harness) -> None
     app = backend.make()
     _overlapping_routes(app)
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     statuses: list[int] = []
 
     def writer(n: int) -> None:
@@ -390,7 +253,7 @@ def test_the_same_key_changed_at_once_ends_as_one_of_the_written_values(
     app = backend.make()
     _overlapping_routes(app)
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     values = [f"value-{n}-" + "x" * (n * 50) for n in range(6)]
 
     def writer(n: int) -> None:
@@ -407,7 +270,7 @@ def test_logout_racing_slow_writers_never_resurrects(backend: Harness) -> None:
     _overlapping_routes(app)
     for _ in range(5):
         client = app.test_client()
-        sid = _sid(client.post("/session/counter"))
+        sid = sid_of(client.post("/session/counter"))
         statuses: list[int] = []
 
         def writer(n: int, sid: str = sid, statuses: list[int] = statuses) -> None:
@@ -431,7 +294,7 @@ def test_rotation_racing_a_write_never_brings_the_old_id_back(backend: Harness) 
     app = backend.make()
     _overlapping_routes(app)
     client = app.test_client()
-    old = _sid(client.post("/session/counter"))
+    old = sid_of(client.post("/session/counter"))
     results: dict[str, object] = {}
 
     def request(n: int) -> None:
@@ -440,7 +303,7 @@ def test_rotation_racing_a_write_never_brings_the_old_id_back(backend: Harness) 
         if n == 0:
             time.sleep(0.005)
             response = worker.post("/session/login", json={"user": "ana"})
-            results["new"] = _sid(response)
+            results["new"] = sid_of(response)
         else:
             results["write"] = worker.post("/put/late").status_code
 
@@ -462,10 +325,10 @@ def test_rotation_racing_a_write_never_brings_the_old_id_back(backend: Harness) 
 def test_login_rotates_the_id_and_deletes_the_old_one(backend: Harness) -> None:
     app = backend.make()
     client = app.test_client()
-    old_sid = _sid(client.post("/session/counter"))
+    old_sid = sid_of(client.post("/session/counter"))
     response = client.post("/session/login", json={"user": "ana"})
     assert response.json == {"user": "ana"}
-    new_sid = _sid(response)
+    new_sid = sid_of(response)
     assert new_sid != old_sid
     assert backend.read_raw(app, backend.store_id(app, old_sid)) is None
     assert backend.read_raw(app, backend.store_id(app, new_sid)) is not None
@@ -476,7 +339,7 @@ def test_login_on_an_empty_session_still_issues_a_new_id(backend: Harness) -> No
     app = backend.make()
     client = app.test_client()
     client.set_cookie("session", "planted-by-an-attacker")
-    sid = _sid(client.post("/session/login", json={"user": "ana"}))
+    sid = sid_of(client.post("/session/login", json={"user": "ana"}))
     assert sid != "planted-by-an-attacker"
     assert backend.read_raw(app, backend.store_id(app, sid)) is not None
 
@@ -500,15 +363,9 @@ def test_session_ids_are_256_bits_from_secrets(
         return value
 
     monkeypatch.setattr(secrets, "token_urlsafe", spy)
-    sid = _sid(backend.make().test_client().post("/session/counter"))
+    sid = sid_of(backend.make().test_client().post("/session/counter"))
     assert issued[sid] == 32
     assert len(sid) == 43  # 32 bytes, base64url without padding
-
-
-@pytest.fixture(params=sorted(set(HARNESSES) - {"memory"}))
-def shared_backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
-    """The backends whose sessions outlive a deploy (memory lives in one process)."""
-    return HARNESSES[request.param](make_app, request)
 
 
 def test_a_session_stored_by_the_previous_release_keeps_working(
@@ -524,7 +381,7 @@ def test_a_session_stored_by_the_previous_release_keeps_working(
     backend = shared_backend
     app = backend.make()
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     old = {"counter": 41, "_permanent": True, "_created_at": int(time.time()) - 60}
     old["_flashes"] = [["message", "Saved"]]  # type: ignore[assignment]
     backend.write_raw(app, backend.store_id(app, sid), msgspec.msgpack.encode(old))
@@ -582,7 +439,7 @@ def test_the_size_limit_holds_for_the_merged_record(
     SessionStore.state(app).interface.max_bytes = 4096
     _overlapping_routes(app)
     client = app.test_client()
-    sid = _sid(client.post("/session/counter"))
+    sid = sid_of(client.post("/session/counter"))
     statuses: list[int] = []
 
     def writer(n: int) -> None:

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 import redis
-from flask import Flask
+from flask import Flask, session
 
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import hashed_store_id
@@ -95,3 +95,28 @@ def test_key_is_prefix_plus_sha256(app: Flask, redis_client: redis.Redis) -> Non
     sid = header.split(";")[0].split("=", 1)[1]
     assert redis_client.keys("*") == [hashed_store_id("session:", sid).encode()]
     assert len(sid) >= 43  # 32 random bytes, base64url
+
+
+def test_a_login_costs_one_round_trip_more_for_the_user_index(
+    app: Flask, redis_client: redis.Redis
+) -> None:
+    """Read, create the new id, delete the old one, and one index update; read-only requests of
+    a logged-in session stay at one round trip."""
+    from pyloto_corp.session_store import rotate_session_id
+
+    @app.post("/login-as-ana")
+    def login() -> dict[str, bool]:
+        rotate_session_id()
+        session["_user_id"] = "ana"
+        return {"ok": True}
+
+    client = app.test_client()
+    client.post("/session/counter")
+    client.post("/login-as-ana")  # the index script is loaded once
+    client.post("/session/counter")
+    assert _measure(redis_client, lambda: client.post("/login-as-ana")) == {
+        "evalsha": 3,
+        "unlink": 1,
+        "zrem": 1,  # the previous login's entry: this session's old id
+    }
+    assert _measure(redis_client, lambda: client.get("/session/counter")) == {"evalsha": 1}

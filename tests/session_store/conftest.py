@@ -1,0 +1,156 @@
+"""The backend harnesses every session-store test can run over: an app on one backend, plus
+direct access to what that backend stored (``backend`` runs a test on each)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from pyloto_corp.config.settings import Settings
+from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import redis as redis_backend
+from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
+from pyloto_corp.views import bp
+from tests.conftest import SECRET, MakeApp
+
+
+@dataclass
+class Harness:
+    """An app on one backend plus direct access to what that backend stored.
+
+    ``read_raw`` returns the record as stored (a mapping of field -> encoded value, or the bytes
+    of a record stored whole by an earlier release); ``write_raw`` stores bytes the way an
+    earlier release did (memory, which no release outlives, stores them as one field).
+    """
+
+    name: str
+    make: Callable[[], Flask]
+    read_raw: Callable[[Flask, str], object]
+    write_raw: Callable[[Flask, str, bytes], None]
+
+    def store_id(self, app: Flask, sid: str) -> str:
+        prefix = SessionStore.state(app).settings.session_key_prefix
+        return prefix + hashlib.sha256(sid.encode()).hexdigest()
+
+
+def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    def store(app: Flask) -> MemoryStore:
+        interface = app.session_interface
+        assert isinstance(interface, MemorySessionInterface)
+        return interface.store
+
+    def write(app: Flask, key: str, data: bytes) -> None:
+        store(app).delete(key)
+        store(app).add(key, {"counter": data}, 600)
+
+    return Harness(
+        "memory",
+        lambda: make_app(ENV="test"),
+        lambda app, key: store(app).get(key, 600),
+        write,
+    )
+
+
+def _read_redis(client: Any, key: str) -> object:
+    kind = client.type(key)
+    if kind == b"hash":
+        return {name.decode(): value for name, value in client.hgetall(key).items()}
+    return client.get(key) if kind == b"string" else None
+
+
+def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    environ = request.getfixturevalue("redis_env")
+    client = request.getfixturevalue("redis_client")
+    return Harness(
+        "redis",
+        lambda: make_app(**environ),
+        lambda app, key: _read_redis(client, key),
+        lambda app, key, data: client.set(key, data, ex=600),
+    )
+
+
+def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    from datetime import UTC, datetime, timedelta
+
+    from pyloto_corp.session_store.firestore import session_key
+
+    environ = request.getfixturevalue("firestore_env")
+    client = request.getfixturevalue("firestore_client")
+    sessions = client.collection("sessions")
+
+    def read(app: Flask, key: str) -> object:
+        snapshot = sessions.document(key).get()
+        if not snapshot.exists:
+            return None
+        data = snapshot.get("data")
+        return (
+            {session_key(name): raw for name, raw in data.items()}
+            if isinstance(data, dict)
+            else data
+        )
+
+    def write(app: Flask, key: str, data: bytes) -> None:
+        expires_at = datetime.now(UTC) + timedelta(hours=1)
+        sessions.document(key).set({"data": data, "expires_at": expires_at})
+
+    return Harness("firestore", lambda: make_app(**environ), read, write)
+
+
+def _redis_cluster(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    """The redis backend driving a caller's ``RedisCluster`` client, used as given."""
+    nodes = request.getfixturevalue("redis_cluster")
+    client = nodes.client()
+    request.addfinalizer(client.close)
+    for node in client.get_primaries():
+        client.flushall(target_nodes=node)
+
+    def make() -> Flask:
+        app = Flask("cluster_app")
+        app.testing = True
+        settings = Settings(
+            environment="production",
+            secret_key=SECRET,
+            session_store_backend="redis",
+            store=redis_backend.Options(url=nodes.url),
+        )
+        SessionStore(app, settings, client=client)
+        app.register_blueprint(bp)
+        return app
+
+    return Harness(
+        "redis_cluster",
+        make,
+        lambda app, key: _read_redis(client, key),
+        lambda app, key, data: client.set(key, data, ex=600),
+    )
+
+
+HARNESSES = {
+    "memory": _memory,
+    "redis": _redis,
+    "redis_cluster": _redis_cluster,
+    "firestore": _firestore,
+}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
+    return HARNESSES[request.param](make_app, request)
+
+
+def sid_of(response: TestResponse) -> str:
+    header = response.headers.get("Set-Cookie", "")
+    assert header.startswith("session="), header
+    return header.split(";", 1)[0].split("=", 1)[1]
+
+
+@pytest.fixture(params=sorted(set(HARNESSES) - {"memory"}))
+def shared_backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
+    """The backends whose sessions outlive a deploy (memory lives in one process)."""
+    return HARNESSES[request.param](make_app, request)
