@@ -33,7 +33,13 @@ import redis
 
 from tests.merge_app import REQUESTS, THREADS, concurrent_writers
 from tests.redis_commands import round_trips
-from tests.services import FirestoreEmulator, RedisServer, free_port, wait_until
+from tests.services import (
+    FirestoreEmulator,
+    RedisClusterNodes,
+    RedisServer,
+    free_port,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-" + "s" * 40
@@ -64,18 +70,23 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def redis_calls(client: redis.Redis) -> int:
-    """Round trips: our session scripts' inner commands are not counted (see
-    tests/redis_commands.py); Flask-Session sends none of those commands on a read."""
-    return round_trips(client)
+def redis_calls(clients: list[redis.Redis]) -> int:
+    """Round trips, summed over the nodes (a cluster's): our session scripts' inner commands
+    are not counted (see tests/redis_commands.py); Flask-Session sends none of those on a read."""
+    return sum(round_trips(client) for client in clients)
 
 
-def environment(app: str, redis_url: str, emulator: FirestoreEmulator | None) -> dict[str, str]:
+def environment(
+    app: str, redis_url: str, emulator: FirestoreEmulator | None, cluster_url: str = ""
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSION_", "REDIS_", "ENV"))}
     env.update(FLASK_SKIP_DOTENV="1", SECRET_KEY=SECRET, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
     env.update(GUNICORN_WORKERS=str(WORKERS), GUNICORN_THREADS="4", PYTHONPATH=str(ROOT))
     if app.startswith("ours"):
         backend = app.split("_", 1)[1]
+        if backend == "cluster":
+            backend = "redis"
+            env["REDIS_URL"] = cluster_url
         env.update(ENV="production", SESSION_STORE_BACKEND=backend, BENCH_APP="ours")
         if backend == "firestore":
             assert emulator is not None
@@ -178,7 +189,10 @@ def wrk(port: int, cookie: str, seconds: float) -> tuple[float, float, float, in
 
 
 def serve_and_measure(
-    envs: dict[str, dict[str, str]], seconds: int, rounds: int, store: redis.Redis
+    envs: dict[str, dict[str, str]],
+    seconds: int,
+    rounds: int,
+    stores: dict[str, list[redis.Redis]],
 ) -> tuple[dict[str, Row], dict[str, list[float]]]:
     """Serve every app at once, then run the wrk rounds interleaved (A B C ..., A B C ...), so
     a slow moment of the machine hits neighbouring measurements alike. Returns each app's row
@@ -197,7 +211,7 @@ def serve_and_measure(
         for round_ in range(1, rounds + 1):
             for name, port in ports.items():
                 for _attempt in range(MAX_ATTEMPTS):
-                    before = redis_calls(store)
+                    before = redis_calls(stores.get(name, []))
                     rate, p50, p99, total, spread = wrk(port, cookies[name], seconds)
                     if not lopsided(spread):
                         break
@@ -208,7 +222,8 @@ def serve_and_measure(
                         f"connections per worker {spread}"
                     )
                 if "firestore" not in name:
-                    rows[name].store_ops = f"{(redis_calls(store) - before) / total:.2f} cmd"
+                    calls = redis_calls(stores.get(name, [])) - before
+                    rows[name].store_ops = f"{calls / total:.2f} cmd"
                 results[name].append((rate, p50, p99))
     for name, row in rows.items():
         median_round = sorted(results[name])[len(results[name]) // 2]
@@ -234,7 +249,7 @@ def in_process_rounds(
     return samples
 
 
-def per_request_commands(env: dict[str, str], store: redis.Redis) -> dict[str, int]:
+def per_request_commands(env: dict[str, str], stores: list[redis.Redis]) -> dict[str, int]:
     """Redis commands for: no cookie and no write; read-only; modifying."""
     counts: dict[str, int] = {}
     with gunicorn(env) as port:
@@ -244,9 +259,10 @@ def per_request_commands(env: dict[str, str], store: redis.Redis) -> dict[str, i
             ("read-only", "GET", cookie),
             ("modify", "POST", cookie),
         ):
-            store.config_resetstat()
+            for store in stores:
+                store.config_resetstat()
             request(port, method, sent)
-            counts[label] = redis_calls(store)
+            counts[label] = redis_calls(stores)
     return counts
 
 
@@ -386,20 +402,28 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         emulator = FirestoreEmulator()
         emulator.start()
+        cluster = RedisClusterNodes(Path(workdir) / "cluster")
+        cluster.start()
         store = server.client()
+        nodes = [redis.Redis(port=port, socket_timeout=5) for port in cluster.ports]
+        stores = {name: [store] for name in ("flask_session", "flask_session_norefresh")}
+        stores |= {"ours_redis": [store], "ours_cluster": nodes}
+        seeds = ",".join(f"127.0.0.1:{port}" for port in cluster.ports)
         try:
             env: Callable[[str], dict[str, str]] = lambda app: environment(  # noqa: E731
-                app, server.url, emulator
+                app, server.url, emulator, f"redis+cluster://{seeds}"
             )
             names = ["cookie", "flask_session", "flask_session_norefresh", "ours_redis"]
+            served = [*names, "ours_cluster", "ours_firestore"]
             rows, rates = serve_and_measure(
-                {name: env(name) for name in [*names, "ours_firestore"]}, seconds, rounds, store
+                {name: env(name) for name in served}, seconds, rounds, stores
             )
             documents = firestore_operations(env("ours_firestore"), seconds)
             in_process_us = in_process_rounds({name: env(name) for name in names}, count, rounds)
             for name, samples in in_process_us.items():
                 rows[name].in_process_us = statistics.median(samples)
-            commands = per_request_commands(env("ours_redis"), store)
+            commands = per_request_commands(env("ours_redis"), [store])
+            cluster_commands = per_request_commands(env("ours_cluster"), nodes)
             lost = lost_updates(
                 {name: env(name) for name in ("ours_redis", "ours_firestore", "flask_session")}
             )
@@ -412,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             store.close()
+            for node in nodes:
+                node.close()
+            cluster.stop()
             emulator.stop()
             server.stop()
 
@@ -455,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{app} / {baseline}, round by round: {pairs}")
     print(f"Redis round trips per request (ours): {json.dumps(commands)}")
     print(
+        "Redis Cluster (3 primaries) round trips per request, summed over the nodes (ours): "
+        + json.dumps(cluster_commands)
+    )
+    print(
         f"Concurrent writers, keys lost ({THREADS} clients of one session x {REQUESTS} requests, "
         "each writing its own key, 20 ms inside the view): "
         + ", ".join(
@@ -479,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     target(
         commands == {"no session": 0, "read-only": 1, "modify": 2},
         "Redis: 0 round trips without a session, 1 per read, 2 per modification",
+    )
+    target(
+        cluster_commands == {"no session": 0, "read-only": 1, "modify": 2},
+        "Redis Cluster: the same, summed over the primaries",
     )
     target(
         lost["ours_redis"] == lost["ours_firestore"] == (0, 0),

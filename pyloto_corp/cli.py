@@ -98,11 +98,12 @@ def ping() -> None:
     state = _store()
     started = time.perf_counter()
     try:
-        state.interface.ping()
+        facts = state.interface.ping()
     except SessionStoreUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     elapsed = (time.perf_counter() - started) * 1000
-    click.echo(f"{state.settings.session_store_backend} answered in {elapsed:.1f} ms")
+    details = "".join(f", {key} {value}" for key, value in facts.items())
+    click.echo(f"{state.settings.session_store_backend} answered in {elapsed:.1f} ms{details}")
 
 
 @session_store_cli.command()

@@ -10,6 +10,8 @@ from .errors import SessionStoreUnavailable
 from .session_store import SessionStore, end_session, rotate_session_id
 
 bp = Blueprint("pyloto_corp", __name__)
+#: What /readyz may tell anyone who asks: shape, not whereabouts.
+PUBLIC_FACTS = frozenset({"topology", "primaries", "primaries_answering", "slots_covered"})
 logger = logging.getLogger("pyloto_corp.session_store")
 
 
@@ -20,17 +22,19 @@ def healthz() -> dict[str, str]:
 
 
 @bp.get("/readyz")
-def readyz() -> tuple[dict[str, str], int]:
-    """Readiness: the session store answers a ping. The public body names only the backend;
-    the reason (host, error) goes to the log."""
+def readyz() -> tuple[dict[str, object], int]:
+    """Readiness: the session store answers a ping. The public body names the backend and its
+    topology (a cluster's primaries and slots), never an address; the reason of a failure
+    (host, error) goes to the log."""
     state = SessionStore.state()
     backend = state.settings.session_store_backend
     try:
-        state.interface.ping()
+        facts = state.interface.ping()
     except SessionStoreUnavailable as exc:
         logger.error("Readiness check failed: %s", exc)
         return {"status": "unavailable", "session_store": backend}, 503
-    return {"status": "ready", "session_store": backend}, 200
+    public = {key: value for key, value in facts.items() if key in PUBLIC_FACTS}
+    return {"status": "ready", "session_store": backend, **public}, 200
 
 
 @bp.get("/session/counter")

@@ -174,13 +174,44 @@ class RedisClusterNodes:
             wait_until(cluster_ok, 20, "Redis Cluster state ok")
         finally:
             probe.close()
+        if self.replicas:
+            # A replica must be in sync before its primary dies, or none takes over.
+            wait_until(self._replicas_linked, 30, "Redis Cluster replicas in sync")
+
+    def _replicas_linked(self) -> bool:
+        linked = 0
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            linked += info.get("role") == "slave" and info.get("master_link_status") == "up"
+        return linked == len(self.ports) // (1 + self.replicas) * self.replicas
+
+    def primary_for(self, key: str) -> int:
+        """The port of the primary that holds ``key`` now."""
+        client: Any = self.client()
+        try:
+            node = client.get_node_from_key(key)
+            assert node is not None
+            return int(node.port)
+        finally:
+            client.close()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (a crash: no goodbye to the cluster)."""
+        process = self.processes[self.ports.index(port)]
+        process.kill()
+        process.wait(timeout=10)
 
     def client(self) -> redis.cluster.RedisCluster:
         return redis.cluster.RedisCluster.from_url(self.url, socket_timeout=2)
 
     def stop(self) -> None:
         for process in self.processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in self.processes:
             process.wait(timeout=10)
         self.processes = []

@@ -207,12 +207,12 @@ def test_unparseable_values_keep_defaults_and_become_problems() -> None:
     ("environ", "fragment"),
     [
         ({}, "REDIS_URL is required when SESSION_STORE_BACKEND=redis"),
-        ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({"REDIS_URL": "redis://"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({"REDIS_URL": "redis://h:99999"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({"REDIS_URL": "redis://h:6379/zero"}, "REDIS_URL is not a valid redis:// or rediss://"),
-        ({"REDIS_URL": "redis://h x:1"}, "REDIS_URL is not a valid redis:// or rediss://"),
+        ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL is not a valid Redis URL"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL is not a valid Redis URL"),
+        ({"REDIS_URL": "redis://"}, "REDIS_URL is not a valid Redis URL"),
+        ({"REDIS_URL": "redis://h:99999"}, "REDIS_URL is not a valid Redis URL"),
+        ({"REDIS_URL": "redis://h:6379/zero"}, "REDIS_URL is not a valid Redis URL"),
+        ({"REDIS_URL": "redis://h x:1"}, "REDIS_URL is not a valid Redis URL"),
         (
             {"REDIS_URL": "redis://r", "REDIS_CONNECT_TIMEOUT": "0"},
             "REDIS_CONNECT_TIMEOUT must",

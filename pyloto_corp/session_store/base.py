@@ -282,8 +282,9 @@ class StoreInterface(ServerSideSessionInterface):
         """Delete the record (absent is fine)."""
 
     @abstractmethod
-    def ping(self) -> None:
-        """Prove the store answers, within the configured timeout."""
+    def ping(self) -> dict[str, object]:
+        """Prove the store answers, within the configured timeout; what it learnt of the
+        store's topology (nothing secret: ``/readyz`` shows it, less any address)."""
 
     def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
         """A read-only request ends: slide the expiry if ``read`` did not (Firestore does it

@@ -348,9 +348,10 @@ class FirestoreSessionInterface(StoreInterface):
         if is_valid_collection_id(store_id):
             self._call(self._document(store_id).delete)
 
-    def ping(self) -> None:
+    def ping(self) -> dict[str, object]:
         """One cheap read, to prove the database answers (readiness, ``ping``)."""
         self._call(self._document(self.key_prefix + "ping").get)
+        return {"database": self.database}
 
     # -- the user index: the ``user`` field, queried with an equality filter -----------------------
 

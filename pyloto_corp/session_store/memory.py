@@ -154,8 +154,9 @@ class MemorySessionInterface(StoreInterface):
     def delete(self, store_id: str) -> None:
         self.store.delete(store_id)
 
-    def ping(self) -> None:
+    def ping(self) -> dict[str, object]:
         """Always answers: it is this process."""
+        return {}
 
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
         """A scan of the process's sessions: development has few."""

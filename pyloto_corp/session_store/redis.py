@@ -18,19 +18,24 @@ Only a dropped connection is retried, once, after a short backoff.
 from __future__ import annotations
 
 import hashlib
+import os
 import ssl
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
+from datetime import UTC, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+from urllib.parse import unquote
 
 import redis
 from flask import Flask
 from redis.backoff import ExponentialBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.credentials import CredentialProvider
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
@@ -54,9 +59,14 @@ REDIS_SOCKET_TIMEOUT = "REDIS_SOCKET_TIMEOUT"
 REDIS_CONNECT_TIMEOUT = "REDIS_CONNECT_TIMEOUT"
 REDIS_SSL_CA_CERTS = "REDIS_SSL_CA_CERTS"
 REDIS_SSL_CHECK_HOSTNAME = "REDIS_SSL_CHECK_HOSTNAME"
+REDIS_IAM_AUTH = "REDIS_IAM_AUTH"
 
 #: A dropped connection is retried once (after ~50 ms); a timeout is not retried at all.
 RETRIES = 1
+#: A cluster command is tried this many more times, the slot map read again in between.
+CLUSTER_RETRIES = 2
+#: An IAM access token is fetched again this many seconds before it expires.
+IAM_REFRESH_MARGIN = 300
 
 #: KEYS[1] the session; ARGV[1] the idle lifetime in seconds. The hash's fields and values, or
 #: the string an earlier release stored (both with the expiry slid), or nil. It only reads and
@@ -136,6 +146,7 @@ class Options(StoreOptions):
         REDIS_CONNECT_TIMEOUT,
         REDIS_SSL_CA_CERTS,
         REDIS_SSL_CHECK_HOSTNAME,
+        REDIS_IAM_AUTH,
     )
 
     url: str | None = None
@@ -146,6 +157,8 @@ class Options(StoreOptions):
     ssl_ca_certs: str | None = None
     #: False for Memorystore, whose certificate names an IP (the CA is still verified).
     ssl_check_hostname: bool = True
+    #: AUTH with a Google access token (Memorystore IAM authentication) instead of a password.
+    iam_auth: bool = False
 
     @classmethod
     def from_env(cls, env: Env) -> Options:
@@ -155,6 +168,7 @@ class Options(StoreOptions):
             "connect_timeout": env.float(REDIS_CONNECT_TIMEOUT, None),
             "ssl_ca_certs": env.str(REDIS_SSL_CA_CERTS, None) or None,
             "ssl_check_hostname": env.bool(REDIS_SSL_CHECK_HOSTNAME, None),
+            "iam_auth": env.bool(REDIS_IAM_AUTH, None),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})
 
@@ -167,6 +181,11 @@ class Options(StoreOptions):
             )
         else:
             problems += url_problems(self.url)
+            if self.iam_auth and not problems and parse_url(self.url).password is not None:
+                problems.append(
+                    f"{REDIS_URL} carries a password and {REDIS_IAM_AUTH}=true: with IAM "
+                    "authentication the password is an access token; remove it from the URL."
+                )
         for var, value in (
             (REDIS_SOCKET_TIMEOUT, self.socket_timeout),
             (REDIS_CONNECT_TIMEOUT, self.connect_timeout),
@@ -182,34 +201,118 @@ class Options(StoreOptions):
             REDIS_CONNECT_TIMEOUT: self.connect_timeout,
             REDIS_SSL_CA_CERTS: self.ssl_ca_certs,
             REDIS_SSL_CHECK_HOSTNAME: self.ssl_check_hostname,
+            REDIS_IAM_AUTH: self.iam_auth,
         }
 
 
-def url_problems(url: str) -> list[str]:
-    """``redis://`` or ``rediss://`` with a host and, if given, a numeric port and db; no query
-    (redis-py would apply ``?socket_timeout=...`` past our limits, or fail at init on a typo)."""
-    expected = "expected redis://[[user]:password@]host[:port][/db] (or rediss:// for TLS)"
-    invalid = [f"{REDIS_URL} is not a valid redis:// or rediss:// URL; {expected}."]
+#: REDIS_URL schemes -> (topology, TLS); the ``+cluster``/``+sentinel`` forms are the ``limits``
+#: library's (Flask-Limiter's), which Flask users already write.
+SCHEMES: Final = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+}
+_EXPECTED = (
+    "expected redis://[[user]:password@]host[:port][/db], rediss:// for TLS, "
+    "redis+cluster://[[user]:password@]host:port[,host:port...] or "
+    "redis+sentinel://[[user]:password@]host:port[,host:port...]/SERVICE_NAME[/db]"
+)
+
+
+@dataclass(frozen=True, repr=False)
+class Target:
+    """REDIS_URL understood: the topology, where it is, and the credentials (never shown)."""
+
+    mode: str
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    service: str | None = None
+
+    def __repr__(self) -> str:
+        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        return f"Target({self.mode}, tls={self.tls}, {hosts}, db={self.db}, {self.service})"
+
+
+def parse_url(url: str) -> Target:
+    """Pure: REDIS_URL in, a Target out; ValueError with a message that names the variable and
+    never holds the URL (it may hold a password). Hand-rolled: ``urlsplit`` cannot read several
+    hosts, and reads a password holding ``/`` as a path."""
+    invalid = f"{REDIS_URL} is not a valid Redis URL; {_EXPECTED}."
     if any(c.isspace() for c in url):
-        return invalid
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return invalid
-    db = parts.path[1:] if parts.path.startswith("/") else parts.path
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname or port == 0:
-        return invalid
-    if not (db == "" or (db.isascii() and db.isdigit())):
-        return invalid
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        return [
+        raise ValueError(invalid)
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() not in SCHEMES:
+        raise ValueError(invalid)
+    mode, tls = SCHEMES[scheme.lower()]
+    userinfo, _, location = rest.rpartition("@")
+    if "?" in location or "#" in location:
+        raise ValueError(
             f"{REDIS_URL} must not carry options after '?' or '#'; use {REDIS_SOCKET_TIMEOUT}, "
             f"{REDIS_CONNECT_TIMEOUT}, {REDIS_SSL_CA_CERTS} and {REDIS_SSL_CHECK_HOSTNAME}, and "
             "percent-encode a password that contains '/', '?', '#' or '@'."
-        ]
+        )
+    netloc, _, path = location.partition("/")
+    default_port = 26379 if mode == "sentinel" else 6379
+    hosts = tuple(_host(part, default_port, invalid) for part in netloc.split(","))
+    if mode == "standalone" and len(hosts) != 1:
+        raise ValueError(f"{REDIS_URL}: a redis:// URL names one host; {_EXPECTED}.")
+    username, colon, password = userinfo.partition(":")
+    segments = path.split("/") if path else []
+    service = None
+    if mode == "sentinel":
+        if not segments or not segments[0]:
+            raise ValueError(
+                f"{REDIS_URL}: a redis+sentinel:// URL names the service after the hosts "
+                "(redis+sentinel://host:26379/mymaster)."
+            )
+        service, segments = unquote(segments[0]), segments[1:]
+    if len(segments) > 1 or (segments and not (segments[0].isascii() and segments[0].isdigit())):
+        raise ValueError(invalid)
+    db = int(segments[0]) if segments and segments[0] else 0
+    if mode == "cluster" and db != 0:
+        raise ValueError(f"{REDIS_URL}: a Redis Cluster has only db 0; remove /{db}.")
+    return Target(
+        mode,
+        tls,
+        hosts,
+        username=unquote(username) or None,
+        password=unquote(password) if colon else None,
+        db=db,
+        service=service,
+    )
+
+
+def _host(part: str, default_port: int, invalid: str) -> tuple[str, int]:
+    host, port = part, ""
+    if part.startswith("["):  # [IPv6]:port
+        host, _, after = part[1:].partition("]")
+        port = after.removeprefix(":")
+    elif part.count(":") == 1:
+        host, port = part.split(":")
+    if not host or (":" in host and not part.startswith("[")):
+        raise ValueError(invalid)
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(invalid)
+    return host, int(port) if port else default_port
+
+
+def url_problems(url: str) -> list[str]:
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        return [str(exc)]
     return []
 
+
+#: What a redis-py client raises when the store fails (RedisClusterException, e.g. "no node
+#: reachable" or a slot not covered, is not a RedisError).
+STORE_ERRORS = (redis.RedisError, RedisClusterException)
 
 #: The clients this backend drives: anything else is refused at init, never replaced.
 Client = redis.Redis | RedisCluster
@@ -218,12 +321,41 @@ Client = redis.Redis | RedisCluster
 class RedisSessionInterface(StoreInterface):
     backend_name = REDIS
 
-    def __init__(self, app: Flask, client: Client, *, display_url: str, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        client_factory: Callable[[], Client],
+        *,
+        display_url: str,
+        **options: Any,
+    ) -> None:
         super().__init__(app, **options)
-        self.client = client
+        self._client_factory = client_factory
+        self._client: tuple[int, Client] | None = None
+        self._lock = threading.Lock()
         self.display_url = display_url
         scripts = (READ_SCRIPT, WRITE_SCRIPT, INDEX_SCRIPT)
         self._scripts = {source: _sha1(source) for source in scripts}
+
+    @property
+    def client(self) -> Client:
+        """Built on first use, and again in a forked child: a RedisCluster reads the slot map
+        (IO) when it is built, which must happen neither at app init nor before gunicorn
+        forks."""
+        current = self._client
+        if current is None or current[0] != os.getpid():
+            with self._lock:
+                current = self._client
+                if current is None or current[0] != os.getpid():
+                    try:
+                        current = (os.getpid(), self._client_factory())
+                    except STORE_ERRORS as exc:
+                        raise self._unavailable(exc) from None
+                    self._client = current
+        return current[1]
+
+    def has_client(self) -> bool:
+        return self._client is not None
 
     def _unavailable(self, exc: Exception) -> SessionStoreUnavailable:
         return SessionStoreUnavailable(
@@ -233,7 +365,7 @@ class RedisSessionInterface(StoreInterface):
     def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._unavailable(exc) from None
 
     def _script(self, source: str, store_id: str, *args: Any) -> Any:
@@ -247,7 +379,7 @@ class RedisSessionInterface(StoreInterface):
             except redis.exceptions.NoScriptError:
                 client.script_load(source)
                 return client.execute_command(*command)
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             raise self._unavailable(exc) from None
 
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
@@ -349,8 +481,43 @@ class RedisSessionInterface(StoreInterface):
             self._call(self.client.zrem, self.index_key(user), *targets)
         return ended
 
-    def ping(self) -> None:
-        self._call(self.client.ping)
+    def ping(self) -> dict[str, object]:
+        """The topology, proven to answer: every primary of a cluster (and all 16384 slots
+        covered), the current primary of a Sentinel service."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            return self._ping_cluster(client)
+        self._call(client.ping)
+        pool = client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            host, port = self._call(pool.get_master_address)
+            return {"topology": "sentinel", "primary": f"{host}:{port}"}
+        return {"topology": "standalone"}
+
+    def _ping_cluster(self, client: RedisCluster) -> dict[str, object]:
+        primaries = self._call(client.get_primaries)
+        answering = 0
+        for node in primaries:
+            try:
+                client.ping(target_nodes=node)
+                answering += 1
+            except STORE_ERRORS:
+                continue
+        slots = self._call(client.cluster_slots, target_nodes=RedisCluster.RANDOM)
+        covered = sum(int(end) - int(start) + 1 for start, end in slots)
+        facts: dict[str, object] = {
+            "topology": "cluster",
+            "primaries": len(primaries),
+            "primaries_answering": answering,
+            "slots_covered": covered,
+        }
+        if answering < len(primaries) or covered < 16384:
+            raise SessionStoreUnavailable(
+                f"Redis session store at {self.display_url}: cluster degraded "
+                f"({answering} of {len(primaries)} primaries answer, {covered} of 16384 slots "
+                "covered)"
+            )
+        return facts
 
 
 def _text(raw: bytes) -> str | None:
@@ -397,25 +564,88 @@ def describe_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def create_client(options: Options) -> redis.Redis:
-    """A client from REDIS_URL with a bounded wait per call; it connects on first use."""
+def create_client(options: Options) -> Client:
+    """A client for REDIS_URL's topology with a bounded wait per call; it connects on first use.
+
+    Standalone: ``redis.Redis``. Cluster: ``RedisCluster`` from the seed nodes (it follows
+    MOVED/ASK and a failover's new primaries). Sentinel: the primary of the service, found through
+    the sentinels again on every new connection, so a failover is followed without a restart.
+    """
     assert options.url is not None  # guaranteed by Options.problems()
-    tls: dict[str, Any] = {}
-    if urlsplit(options.url).scheme == "rediss":
+    target = parse_url(options.url)
+    common: dict[str, Any] = {
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.connect_timeout,
+        "driver_info": None,
+    }
+    if options.iam_auth:
+        common["credential_provider"] = IamCredentialProvider(google_access_token)
+    else:
+        common.update(username=target.username, password=target.password)
+    if target.tls:
         # Memorystore's certificate names an IP: verify against its CA, optionally skip the name.
-        tls = {
-            "ssl_ca_certs": options.ssl_ca_certs,
-            "ssl_check_hostname": options.ssl_check_hostname,
-        }
-    return redis.Redis.from_url(
-        options.url,
-        socket_timeout=options.socket_timeout,
-        socket_connect_timeout=options.connect_timeout,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), RETRIES, (redis.ConnectionError,)),
-        health_check_interval=0,
-        driver_info=None,
-        **tls,
+        common.update(
+            ssl=True,
+            ssl_ca_certs=options.ssl_ca_certs,
+            ssl_check_hostname=options.ssl_check_hostname,
+        )
+    # Only a dropped connection is retried, once, after ~50 ms: a hung server is not asked twice.
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), RETRIES, (redis.ConnectionError,))
+    if target.mode == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
+        # The cluster client's own retries re-read the slot map between attempts (a failover).
+        cluster_retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), CLUSTER_RETRIES)
+        return RedisCluster(startup_nodes=nodes, retry=cluster_retry, **common)
+    if target.mode == "sentinel":
+        assert target.service is not None
+        sentinel_options = {k: v for k, v in common.items() if not k.startswith(("user", "pass"))}
+        sentinel_options.pop("credential_provider", None)
+        sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_options, **common)  # type: ignore[no-untyped-call]
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service, db=target.db, retry=retry, health_check_interval=0
+        )
+        return primary
+    host, port = target.hosts[0]
+    return redis.Redis(
+        host=host, port=port, db=target.db, retry=retry, health_check_interval=0, **common
     )
+
+
+class IamCredentialProvider(CredentialProvider):
+    """The AUTH password is a Google access token (Memorystore IAM authentication). redis-py asks
+    for credentials only when it opens a connection; the token is cached and fetched again 5
+    minutes before it expires, so open connections are never touched. A token that cannot be
+    had is a ConnectionError (a 503), never logged with the token."""
+
+    def __init__(self, token_source: Callable[[], tuple[str, float]]) -> None:
+        self._source = token_source
+        self._token: tuple[str, float] | None = None
+        self._lock = threading.Lock()
+
+    def get_credentials(self) -> tuple[str]:
+        with self._lock:
+            if self._token is None or self._token[1] - time.time() < IAM_REFRESH_MARGIN:
+                try:
+                    self._token = self._source()
+                except Exception as exc:  # any failure of the token source is the same 503
+                    raise redis.ConnectionError(
+                        f"IAM authentication: no access token ({type(exc).__name__}); check the "
+                        "service account's Application Default Credentials and its "
+                        "roles/redis.dbConnectionUser role"
+                    ) from None
+            return (self._token[0],)
+
+
+def google_access_token() -> tuple[str, float]:
+    """An access token from Application Default Credentials, and when it expires (epoch s)."""
+    import google.auth  # only when REDIS_IAM_AUTH is on: ~100 ms of imports
+    import google.auth.transport.requests
+
+    credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    credentials.refresh(google.auth.transport.requests.Request())  # type: ignore[no-untyped-call]
+    expiry = credentials.expiry
+    expires_at = expiry.replace(tzinfo=UTC).timestamp() if expiry else time.time() + 3000
+    return str(credentials.token), expires_at
 
 
 def check_client(client: object) -> Client:
@@ -438,13 +668,14 @@ def create_interface(
     if client is None:
         return RedisSessionInterface(
             app,
-            create_client(options),
+            lambda: create_client(options),
             display_url=redact_url(options.url) or "",
             **interface_options(settings),
         )
+    given = check_client(client)
     return RedisSessionInterface(
         app,
-        check_client(client),
+        lambda: given,
         display_url="(the client passed to SessionStore)",
         **interface_options(settings),
     )

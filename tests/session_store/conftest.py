@@ -12,11 +12,8 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from pyloto_corp.config.settings import Settings
 from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
-from pyloto_corp.views import bp
 from tests.conftest import SECRET, MakeApp
 
 
@@ -103,29 +100,23 @@ def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
 
 
 def _redis_cluster(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
-    """The redis backend driving a caller's ``RedisCluster`` client, used as given."""
+    """The redis backend on a 3-primary Redis Cluster, from ``REDIS_URL=redis+cluster://...``
+    (two seed nodes: the client discovers the third)."""
     nodes = request.getfixturevalue("redis_cluster")
     client = nodes.client()
     request.addfinalizer(client.close)
     for node in client.get_primaries():
         client.flushall(target_nodes=node)
-
-    def make() -> Flask:
-        app = Flask("cluster_app")
-        app.testing = True
-        settings = Settings(
-            environment="production",
-            secret_key=SECRET,
-            session_store_backend="redis",
-            store=redis_backend.Options(url=nodes.url),
-        )
-        SessionStore(app, settings, client=client)
-        app.register_blueprint(bp)
-        return app
-
+    seeds = ",".join(f"127.0.0.1:{port}" for port in nodes.ports[:2])
+    environ = {
+        "ENV": "production",
+        "SESSION_STORE_BACKEND": "redis",
+        "REDIS_URL": f"redis+cluster://{seeds}",
+        "SECRET_KEY": SECRET,
+    }
     return Harness(
         "redis_cluster",
-        make,
+        lambda: make_app(**environ),
         lambda app, key: _read_redis(client, key),
         lambda app, key, data: client.set(key, data, ex=600),
     )

@@ -8,10 +8,14 @@ import pytest
 import redis
 from flask import Flask, session
 
+from pyloto_corp.config.settings import Settings
 from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.base import hashed_store_id
-from tests.conftest import MakeApp
+from pyloto_corp.session_store.redis import RedisSessionInterface, parse_url
+from tests.conftest import SECRET, MakeApp
 from tests.redis_commands import commands
+from tests.services import free_port
 
 
 def _measure(client: redis.Redis, request: object) -> dict[str, int]:
@@ -120,3 +124,80 @@ def test_a_login_costs_one_round_trip_more_for_the_user_index(
         "zrem": 1,  # the previous login's entry: this session's old id
     }
     assert _measure(redis_client, lambda: client.get("/session/counter")) == {"evalsha": 1}
+
+
+@pytest.mark.parametrize(
+    ("url", "mode", "tls", "hosts", "db", "service"),
+    [
+        ("redis://h:6380/2", "standalone", False, (("h", 6380),), 2, None),
+        ("rediss://:pw@10.0.0.3:6378", "standalone", True, (("10.0.0.3", 6378),), 0, None),
+        ("redis://[::1]:7000", "standalone", False, (("::1", 7000),), 0, None),
+        ("redis+cluster://a:7000,b:7001", "cluster", False, (("a", 7000), ("b", 7001)), 0, None),
+        ("rediss+cluster://u:p@a:7000/0", "cluster", True, (("a", 7000),), 0, None),
+        (
+            "redis+sentinel://s1,s2:26380/mymaster/3",
+            "sentinel",
+            False,
+            (("s1", 26379), ("s2", 26380)),
+            3,
+            "mymaster",
+        ),
+    ],
+)
+def test_redis_url_forms(
+    url: str, mode: str, tls: bool, hosts: tuple[tuple[str, int], ...], db: int, service: str | None
+) -> None:
+    target = parse_url(url)
+    assert (target.mode, target.tls, target.hosts, target.db, target.service) == (
+        mode,
+        tls,
+        hosts,
+        db,
+        service,
+    )
+
+
+def test_a_password_with_reserved_characters_is_read_and_never_shown() -> None:
+    target = parse_url("redis://user:p%40ss%2Fw%3Frd@cache:6379/1")
+    assert (target.username, target.password) == ("user", "p@ss/w?rd")
+    raw = parse_url("redis://:a/b#c@cache:6379")  # not percent-encoded: the last @ still splits
+    assert raw.password == "a/b#c"
+    assert "p@ss" not in repr(target)
+    assert "a/b#c" not in repr(raw)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis+cluster://a:7000/1", "a Redis Cluster has only db 0"),
+        ("redis+sentinel://s1:26379", "names the service after the hosts"),
+        ("redis://a:1,b:2", "a redis:// URL names one host"),
+        ("redis://a:6379/?socket_timeout=3600", "must not carry options after '?'"),
+        ("redis+cluster://a:0", "not a valid Redis URL"),
+        ("memcached://a:1", "not a valid Redis URL"),
+    ],
+)
+def test_redis_url_problems_name_the_fix(url: str, fragment: str) -> None:
+    problems = Settings(
+        session_store_backend="redis", store=redis_backend.Options(url=url)
+    ).validate()
+    assert len(problems) == 1
+    assert fragment in problems[0]
+
+
+def test_a_cluster_url_builds_no_client_until_the_first_request(make_app: MakeApp) -> None:
+    """RedisCluster reads the slot map when it is built: that waits for the first request (in
+    the serving process, after gunicorn forks), so a cluster that is down is a 503, not a boot
+    crash."""
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    app = make_app(
+        ENV="production", SESSION_STORE_BACKEND="redis", REDIS_URL=url, SECRET_KEY=SECRET
+    )
+    interface = app.session_interface
+    assert isinstance(interface, RedisSessionInterface)
+    assert interface.has_client() is False
+    client = app.test_client()
+    client.set_cookie("session", "x" * 43)
+    response = client.get("/session/counter", headers={"Accept": "application/json"})
+    assert response.status_code == 503
+    assert app.test_client().get("/readyz").status_code == 503
