@@ -16,13 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 serve: $(STAMP)
 	ENV=development SESSION_STORE_BACKEND=memory $(BIN)/flask --app wsgi run --port $(PORT)
 
-## Install the services the tests start themselves (redis-server; the Firestore emulator ships
-## with the Google Cloud CLI).
+## Install the services the tests start themselves, each only when missing (see the script).
 services:
-	@command -v redis-server >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
-	@command -v redis-server >/dev/null
+	@sh scripts/install-services.sh
 
 ## Run the whole test suite against the real services.
 test: $(STAMP) services

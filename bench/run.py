@@ -87,7 +87,9 @@ def environment(
         if backend == "cluster":
             backend = "redis"
             env["REDIS_URL"] = cluster_url
+        # The demo login stores the user under "user": index it (log out everywhere).
         env.update(ENV="production", SESSION_STORE_BACKEND=backend, BENCH_APP="ours")
+        env["SESSION_USER_KEY"] = "user"
         if backend == "firestore":
             assert emulator is not None
             env.update(FIRESTORE_EMULATOR_HOST=emulator.host, FIRESTORE_PROJECT=emulator.project)
@@ -249,8 +251,24 @@ def in_process_rounds(
     return samples
 
 
+def login(port: int, cookie: str) -> str:
+    """Log the session in as "ana"; the new session cookie (the id is rotated)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        body = json.dumps({"user": "ana"})
+        headers = {"Cookie": cookie, "Content-Type": "application/json"}
+        connection.request("POST", "/session/login", body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        return str(response.getheader("Set-Cookie")).split(";", 1)[0]
+    finally:
+        connection.close()
+
+
 def per_request_commands(env: dict[str, str], stores: list[redis.Redis]) -> dict[str, int]:
-    """Redis commands for: no cookie and no write; read-only; modifying."""
+    """Redis round trips for: no cookie and no write; read-only; modifying; a login (the id
+    rotated, the user indexed); then a read-only request of the logged-in session."""
     counts: dict[str, int] = {}
     with gunicorn(env) as port:
         _, cookie = request(port, "POST")
@@ -263,6 +281,18 @@ def per_request_commands(env: dict[str, str], stores: list[redis.Redis]) -> dict
                 store.config_resetstat()
             request(port, method, sent)
             counts[label] = redis_calls(stores)
+        assert cookie is not None
+        login(port, cookie)  # the first login loads the index script
+        anonymous = request(port, "POST")[1]
+        assert anonymous is not None
+        for store in stores:
+            store.config_resetstat()
+        logged_in = login(port, anonymous)
+        counts["login"] = redis_calls(stores)
+        for store in stores:
+            store.config_resetstat()
+        request(port, "GET", logged_in)
+        counts["read-only, logged in"] = redis_calls(stores)
     return counts
 
 
@@ -508,11 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     target(
-        commands == {"no session": 0, "read-only": 1, "modify": 2},
-        "Redis: 0 round trips without a session, 1 per read, 2 per modification",
+        {k: commands[k] for k in ("no session", "read-only", "modify", "read-only, logged in")}
+        == {"no session": 0, "read-only": 1, "modify": 2, "read-only, logged in": 1},
+        "Redis: 0 round trips without a session, 1 per read (logged in or not), 2 per "
+        f"modification; a login {commands['login']} (read, new id, old id deleted, user index)",
     )
     target(
-        cluster_commands == {"no session": 0, "read-only": 1, "modify": 2},
+        {k: cluster_commands[k] for k in ("no session", "read-only", "modify")}
+        == {"no session": 0, "read-only": 1, "modify": 2},
         "Redis Cluster: the same, summed over the primaries",
     )
     target(

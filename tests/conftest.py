@@ -13,6 +13,7 @@ from flask import Flask
 from pyloto_corp import create_app
 from pyloto_corp.config.settings import BACKENDS, Settings, Var, backend_options
 from tests.services import FirestoreEmulator, RedisClusterNodes, RedisServer
+from tests.topology_services import ValkeyServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
 SECRET = "s3cr3t-" + "k" * 40
@@ -133,3 +134,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    """One valkey-server per test session."""
+    server = ValkeyServer(tmp_path_factory.mktemp("valkey"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -67,6 +67,8 @@ RETRIES = 1
 CLUSTER_RETRIES = 2
 #: An IAM access token is fetched again this many seconds before it expires.
 IAM_REFRESH_MARGIN = 300
+#: A cached token this close to its expiry is not used any more, even when no new one comes.
+IAM_MIN_VALIDITY = 30
 
 #: KEYS[1] the session; ARGV[1] the idle lifetime in seconds. The hash's fields and values, or
 #: the string an earlier release stored (both with the expiry slid), or nil. It only reads and
@@ -312,7 +314,17 @@ def url_problems(url: str) -> list[str]:
 
 #: What a redis-py client raises when the store fails (RedisClusterException, e.g. "no node
 #: reachable" or a slot not covered, is not a RedisError).
-STORE_ERRORS = (redis.RedisError, RedisClusterException)
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+
+@dataclass(frozen=True)
+class ClientErrors:
+    """The exceptions of the client library in use: redis-py's, or valkey-py's (a fork with
+    its own exception classes)."""
+
+    store: tuple[type[Exception], ...] = STORE_ERRORS
+    no_script: type[Exception] = redis.exceptions.NoScriptError
+
 
 #: The clients this backend drives: anything else is refused at init, never replaced.
 Client = redis.Redis | RedisCluster
@@ -327,9 +339,11 @@ class RedisSessionInterface(StoreInterface):
         client_factory: Callable[[], Client],
         *,
         display_url: str,
+        errors: ClientErrors = ClientErrors(),
         **options: Any,
     ) -> None:
         super().__init__(app, **options)
+        self.errors = errors
         self._client_factory = client_factory
         self._client: tuple[int, Client] | None = None
         self._lock = threading.Lock()
@@ -349,7 +363,7 @@ class RedisSessionInterface(StoreInterface):
                 if current is None or current[0] != os.getpid():
                     try:
                         current = (os.getpid(), self._client_factory())
-                    except STORE_ERRORS as exc:
+                    except self.errors.store as exc:
                         raise self._unavailable(exc) from None
                     self._client = current
         return current[1]
@@ -365,7 +379,7 @@ class RedisSessionInterface(StoreInterface):
     def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except STORE_ERRORS as exc:
+        except self.errors.store as exc:
             raise self._unavailable(exc) from None
 
     def _script(self, source: str, store_id: str, *args: Any) -> Any:
@@ -376,10 +390,10 @@ class RedisSessionInterface(StoreInterface):
         try:
             try:
                 return client.execute_command(*command)
-            except redis.exceptions.NoScriptError:
+            except self.errors.no_script:
                 client.script_load(source)
                 return client.execute_command(*command)
-        except STORE_ERRORS as exc:
+        except self.errors.store as exc:
             raise self._unavailable(exc) from None
 
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
@@ -501,7 +515,7 @@ class RedisSessionInterface(StoreInterface):
             try:
                 client.ping(target_nodes=node)
                 answering += 1
-            except STORE_ERRORS:
+            except self.errors.store:
                 continue
         slots = self._call(client.cluster_slots, target_nodes=RedisCluster.RANDOM)
         covered = sum(int(end) - int(start) + 1 for start, end in slots)
@@ -546,6 +560,8 @@ def describe_error(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, IamTokenUnavailable):
+            return f"{type(exc).__name__} ({cause})"
         if isinstance(cause, ssl.SSLCertVerificationError):
             detail = cause.verify_message or "certificate verify failed"
             return f"{type(exc).__name__} (TLS handshake failed: {detail})"
@@ -624,16 +640,25 @@ class IamCredentialProvider(CredentialProvider):
 
     def get_credentials(self) -> tuple[str]:
         with self._lock:
-            if self._token is None or self._token[1] - time.time() < IAM_REFRESH_MARGIN:
+            now = time.time()
+            if self._token is None or self._token[1] - now < IAM_REFRESH_MARGIN:
                 try:
                     self._token = self._source()
                 except Exception as exc:  # any failure of the token source is the same 503
-                    raise redis.ConnectionError(
+                    if self._token is not None and self._token[1] - now > IAM_MIN_VALIDITY:
+                        # The cached token still works: a hiccup of the token endpoint is no
+                        # outage. The next new connection asks again.
+                        return (self._token[0],)
+                    raise IamTokenUnavailable(
                         f"IAM authentication: no access token ({type(exc).__name__}); check the "
                         "service account's Application Default Credentials and its "
                         "roles/redis.dbConnectionUser role"
                     ) from None
             return (self._token[0],)
+
+
+class IamTokenUnavailable(redis.ConnectionError):
+    """No access token could be had; its message says why, and never holds a token."""
 
 
 def google_access_token() -> tuple[str, float]:
@@ -648,15 +673,24 @@ def google_access_token() -> tuple[str, float]:
     return str(credentials.token), expires_at
 
 
-def check_client(client: object) -> Client:
-    """The caller's client, used as given; anything that is not a redis-py client is refused
-    (Flask-Session would silently connect to localhost instead)."""
+def check_client(client: object) -> tuple[Any, ClientErrors]:
+    """The caller's client, used as given, and its library's exceptions; anything that is not a
+    redis-py or valkey-py client is refused (Flask-Session would silently connect to localhost
+    instead)."""
     if isinstance(client, redis.Redis | RedisCluster):
-        return client
+        return client, ClientErrors()
+    if type(client).__module__.partition(".")[0] == "valkey":
+        import valkey  # only for a valkey-py client
+        import valkey.cluster
+
+        if isinstance(client, valkey.Valkey | valkey.cluster.ValkeyCluster):
+            exceptions = valkey.exceptions
+            store = (exceptions.ValkeyError, exceptions.ValkeyClusterException)
+            return client, ClientErrors(store, exceptions.NoScriptError)
     raise TypeError(
         f"client={type(client).__name__} cannot back the redis session store; pass a "
-        "redis.Redis or redis.cluster.RedisCluster (or a redis-py compatible client that "
-        "subclasses one), or no client to connect to REDIS_URL."
+        "redis.Redis, redis.cluster.RedisCluster, valkey.Valkey or valkey.cluster.ValkeyCluster "
+        "(or a subclass), or no client to connect to REDIS_URL."
     )
 
 
@@ -672,10 +706,11 @@ def create_interface(
             display_url=redact_url(options.url) or "",
             **interface_options(settings),
         )
-    given = check_client(client)
+    given, errors = check_client(client)
     return RedisSessionInterface(
         app,
         lambda: given,
         display_url="(the client passed to SessionStore)",
+        errors=errors,
         **interface_options(settings),
     )

@@ -122,10 +122,32 @@ def _redis_cluster(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness
     )
 
 
+def valkey_harness(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    """The redis backend on valkey-server (emptied first), as ``_redis`` is on redis-server."""
+    valkey = request.getfixturevalue("valkey_server")
+    client = valkey.client()
+    request.addfinalizer(client.close)
+    client.flushall()
+    environ = {
+        "ENV": "production",
+        "SESSION_STORE_BACKEND": "redis",
+        "REDIS_URL": valkey.url,
+        "SECRET_KEY": SECRET,
+    }
+
+    def write_raw(app: Flask, key: str, data: bytes) -> None:
+        client.set(key, data, ex=600)
+
+    return Harness(
+        "valkey", lambda: make_app(**environ), lambda app, key: _read_redis(client, key), write_raw
+    )
+
+
 HARNESSES = {
     "memory": _memory,
     "redis": _redis,
     "redis_cluster": _redis_cluster,
+    "valkey": valkey_harness,
     "firestore": _firestore,
 }
 

@@ -13,7 +13,7 @@ from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import SECRET
-from tests.services import RedisClusterNodes, RedisServer
+from tests.services import RedisClusterNodes, RedisServer, free_port
 
 
 def test_init_app_registers_state_in_app_extensions() -> None:
@@ -202,3 +202,52 @@ def test_a_redis_cluster_client_is_used_as_given(redis_cluster: RedisClusterNode
     web.post("/set")
     assert web.get("/get").json == {"user": "ana"}
     client.close()
+
+
+def test_a_valkey_py_client_is_used_as_given(redis_server: RedisServer) -> None:
+    """valkey-py (a redis-py fork with its own exception classes) drives the same server."""
+    import valkey
+
+    client = valkey.Valkey(port=redis_server.port, socket_timeout=2)
+    app = Flask(__name__)
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_server.url)
+    SessionStore(app, client=client)
+    assert app.session_interface.client is client  # type: ignore[attr-defined]
+
+    @app.post("/set")
+    def set_value() -> dict[str, bool]:
+        from flask import session
+
+        session["user"] = "ana"
+        return {"ok": True}
+
+    @app.get("/get")
+    def get_value() -> dict[str, str | None]:
+        from flask import session
+
+        return {"user": session.get("user")}
+
+    web = app.test_client()
+    web.post("/set")
+    assert web.get("/get").json == {"user": "ana"}
+    client.close()
+
+
+def test_a_valkey_py_clients_errors_are_a_503_not_a_500() -> None:
+    import valkey
+
+    down = valkey.Valkey(port=free_port(), socket_timeout=1, socket_connect_timeout=1)
+    app = Flask("down")
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL="redis://127.0.0.1:1")
+    SessionStore(app, client=down)
+
+    @app.get("/get")
+    def get_value() -> dict[str, object]:
+        from flask import session
+
+        return {"user": session.get("user")}
+
+    probe = app.test_client()
+    probe.set_cookie("session", "x" * 43)
+    response = probe.get("/get", headers={"Accept": "application/json"})
+    assert response.status_code == 503

@@ -1,0 +1,578 @@
+"""Redis authentication and transport on real servers: Memorystore-style IAM authentication with
+a rotating token, a Redis Cluster that speaks only TLS, and a plain cluster named by REDIS_URL.
+
+Real redis-server processes on loopback only. The one stand-in is the token source: a fake of
+Google's token endpoint (what ``google_access_token`` would ask), so a test can rotate the token
+and make it fail. The measured figures are printed (``-s`` or ``-rA`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+from werkzeug.test import TestResponse
+
+from pyloto_corp import ConfigurationError, Settings, create_app
+from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import redis as redis_backend
+from pyloto_corp.session_store.base import hashed_store_id
+from pyloto_corp.session_store.redis import (
+    IAM_REFRESH_MARGIN,
+    RETRIES,
+    IamCredentialProvider,
+    RedisSessionInterface,
+)
+from pyloto_corp.views import bp
+from tests.conftest import SECRET, MakeApp
+from tests.redis_commands import commands
+from tests.services import RedisClusterNodes, RedisServer
+from tests.tls_services import TlsFiles, TlsRedisCluster, write_tls_files
+
+STORE_LOGGER = "pyloto_corp.session_store"
+TOKENS = ("tok-1", "tok-2")
+ADMIN_PASSWORD = "admin-pass-16180339"
+TLS_PASSWORD = "tls-cluster-pass-14142135"
+JSON = {"Accept": "application/json"}
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _env(url: str, **extra: str) -> dict[str, str]:
+    return {
+        "ENV": "production",
+        "SESSION_STORE_BACKEND": "redis",
+        "REDIS_URL": url,
+        "SECRET_KEY": SECRET,
+        "REDIS_SOCKET_TIMEOUT": "1",
+        "REDIS_CONNECT_TIMEOUT": "1",
+        **extra,
+    }
+
+
+def _http(app: Flask) -> FlaskClient:
+    """A test client without a cookie jar: every request names its cookie explicitly."""
+    return app.test_client(use_cookies=False)
+
+
+def _as(sid: str) -> dict[str, str]:
+    return {"Cookie": f"session={sid}", **JSON}
+
+
+def _sid(response: TestResponse) -> str:
+    for header in response.headers.getlist("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        if name == "session":
+            return rest.split(";", 1)[0]
+    raise AssertionError(f"no session cookie: {response.headers}")
+
+
+def _store_lines(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == STORE_LOGGER and r.levelno >= level]
+
+
+def _counter(app: Flask, sid: str) -> int:
+    response = _http(app).get("/session/counter", headers=_as(sid))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return int(response.get_json()["counter"])
+
+
+def _round_trip(app: Flask, exists: Any) -> dict[str, Any]:
+    """Create, read, modify and log out one session; ``exists(store_id)`` asks the store."""
+    http = _http(app)
+    created = http.post("/session/counter", headers=JSON)
+    assert created.status_code == 200, created.get_data(as_text=True)
+    sid = _sid(created)
+    store_id = hashed_store_id(SessionStore.state(app).settings.session_key_prefix, sid)
+    assert exists(store_id)
+    assert _counter(app, sid) == 1
+    modified = http.post("/session/counter", headers=_as(sid))
+    assert modified.status_code == 200
+    assert modified.json == {"counter": 2}
+    assert _counter(app, sid) == 2
+    logout = http.delete("/session", headers=_as(sid))
+    assert logout.status_code == 200
+    assert logout.json == {"cleared": True}
+    assert "session=;" in logout.headers.get("Set-Cookie", "")
+    assert not exists(store_id)
+    assert _counter(app, sid) == 0  # the old cookie names nothing any more
+    return {"store_id": store_id}
+
+
+# -- 1. IAM authentication with a rotating token ---------------------------------------------------
+
+
+class FakeTokenSource:
+    """Stands in for Google's token endpoint: ``(token, expires_at_epoch)``, counted."""
+
+    def __init__(self, token: str, lifetime: float) -> None:
+        self.token = token
+        self.lifetime = lifetime
+        self.failing = False
+        self.calls = 0
+        self.expires_at = 0.0
+
+    def __call__(self) -> tuple[str, float]:
+        self.calls += 1
+        if self.failing:
+            # Even the source's own error text holds a token: it must not reach a log either.
+            raise RuntimeError(f"token endpoint refused; last token was {self.token}")
+        self.expires_at = time.time() + self.lifetime
+        return self.token, self.expires_at
+
+
+def _iam_client(port: int, source: FakeTokenSource) -> redis.Redis:
+    """Built the way create_client builds a standalone IAM client, with the fake source."""
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        credential_provider=IamCredentialProvider(source),
+        socket_timeout=1,
+        socket_connect_timeout=1,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), RETRIES, (redis.ConnectionError,)),
+        health_check_interval=0,
+        driver_info=None,
+    )
+
+
+def _iam_app(port: int, client: redis.Redis) -> Flask:
+    app = Flask("iam_app")
+    app.testing = True
+    settings = Settings(
+        environment="production",
+        secret_key=SECRET,
+        session_store_backend="redis",
+        store=redis_backend.Options(url=f"redis://127.0.0.1:{port}/0", iam_auth=True),
+    )
+    SessionStore(app, settings, client=client)
+    app.register_blueprint(bp)
+    return app
+
+
+@pytest.fixture
+def iam_redis(own_redis: RedisServer) -> Iterator[redis.Redis]:
+    """``own_redis`` whose default user needs the password "tok-1"; yields an admin client (an
+    ACL user of its own, so rotating the default user's passwords never locks it out)."""
+    bootstrap = own_redis.client()
+    bootstrap.execute_command(
+        "ACL", "SETUSER", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all"
+    )
+    bootstrap.execute_command("ACL", "SETUSER", "default", "on", ">tok-1")
+    bootstrap.close()
+    admin = redis.Redis(
+        port=own_redis.port, username="admin", password=ADMIN_PASSWORD, socket_timeout=2
+    )
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=own_redis.port, socket_timeout=2).ping()  # no password: refused
+    yield admin
+    admin.close()
+
+
+def _handshakes(admin: redis.Redis) -> int:
+    """Connections that authenticated since the last CONFIG RESETSTAT (HELLO ... AUTH under
+    RESP3, AUTH under RESP2); the admin's own connection is already open."""
+    stats = admin.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hello", "auth"))
+
+
+def _open_connections(client: redis.Redis, count: int) -> None:
+    """Check ``count`` connections out of the pool at once (as concurrent requests would), so
+    the pool has to open the ones it lacks, then give them back."""
+    pool = client.connection_pool
+    connections = [pool.get_connection() for _ in range(count)]
+    for connection in connections:
+        pool.release(connection)
+
+
+def _accepts(token: str, port: int) -> bool:
+    probe = redis.Redis(port=port, password=token, socket_timeout=2)
+    try:
+        return bool(probe.ping())
+    except redis.AuthenticationError:
+        return False
+    finally:
+        probe.close()
+
+
+def test_iam_auth_from_env_installs_the_iam_provider_without_connecting(
+    make_app: MakeApp,
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        app = make_app(**_env(f"redis://127.0.0.1:{port}/0", REDIS_IAM_AUTH="true"))
+        interface = SessionStore.state(app).interface
+        assert isinstance(interface, RedisSessionInterface)
+        client = interface.client
+        assert isinstance(client, redis.Redis)
+        kwargs = client.connection_pool.connection_kwargs
+        assert isinstance(kwargs["credential_provider"], IamCredentialProvider)
+        assert kwargs.get("password") is None
+        assert kwargs.get("username") is None
+        with pytest.raises(BlockingIOError):  # nobody dialled: building the app is no IO
+            listener.accept()
+
+
+def test_iam_auth_with_a_password_in_the_url_is_a_problem() -> None:
+    password = "url-pw-2718281828"
+    environ = _env(f"redis://:{password}@h:6379", REDIS_IAM_AUTH="true")
+    problems = Settings.from_env(environ).validate()
+    iam = [problem for problem in problems if "REDIS_IAM_AUTH" in problem]
+    assert len(iam) == 1, problems
+    assert "password" in iam[0], iam
+    assert "remove it from the URL" in iam[0], iam
+    assert all(password not in problem for problem in problems)
+    with pytest.raises(ConfigurationError) as raised:
+        create_app(Settings.from_env(environ))
+    assert "remove it from the URL" in str(raised.value)
+    assert password not in str(raised.value)
+    assert password not in repr(raised.value)
+    # Without the password the same settings are valid.
+    assert Settings.from_env(_env("redis://h:6379", REDIS_IAM_AUTH="true")).validate() == []
+
+
+def test_iam_token_rotation_reaches_new_connections_only(
+    own_redis: RedisServer, iam_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    admin, port = iam_redis, own_redis.port
+    # tok-1 is fresh for LEAD more seconds, then inside the provider's refresh margin.
+    lead = 3.0
+    source = FakeTokenSource("tok-1", lifetime=IAM_REFRESH_MARGIN + lead)
+    client = _iam_client(port, source)
+    app = _iam_app(port, client)
+    http = _http(app)
+    bodies: list[str] = []
+    figures: dict[str, Any] = {}
+
+    def request(method: str, sid: str | None = None) -> TestResponse:
+        headers = _as(sid) if sid else JSON
+        response = http.open("/session/counter", method=method, headers=headers)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        bodies.append(str(response.headers) + response.get_data(as_text=True))
+        return response
+
+    # A: tok-1 works; four pooled connections cost one token fetch, not one per connection.
+    admin.config_resetstat()
+    sid = _sid(request("POST"))
+    assert request("GET", sid).json == {"counter": 1}
+    _open_connections(client, 4)
+    figures["A"] = {"source_calls": source.calls, "connections_opened": _handshakes(admin)}
+    assert figures["A"] == {"source_calls": 1, "connections_opened": 4}
+    assert time.time() < source.expires_at - IAM_REFRESH_MARGIN, "phase A outlived tok-1's lead"
+
+    # B: the server accepts tok-2 as well; the source now hands out tok-2. A new connection
+    # still gets the cached tok-1 (fresh for a few more seconds): no fetch.
+    admin.execute_command("ACL", "SETUSER", "default", ">tok-2")
+    source.token, source.lifetime = "tok-2", 3600.0
+    client.connection_pool.disconnect()
+    admin.config_resetstat()
+    assert request("POST", sid).json == {"counter": 2}
+    figures["B"] = {"source_calls": source.calls, "connections_opened": _handshakes(admin)}
+    assert figures["B"] == {"source_calls": 1, "connections_opened": 1}
+
+    # C: tok-1 is now within the refresh margin; an open connection is not touched by that.
+    time.sleep(max(0.0, source.expires_at - IAM_REFRESH_MARGIN - time.time()) + 0.1)
+    admin.config_resetstat()
+    assert request("POST", sid).json == {"counter": 3}
+    assert (source.calls, _handshakes(admin)) == (1, 0)
+
+    # D: the server drops tok-1. Connections that authenticated with it keep working.
+    admin.execute_command("ACL", "SETUSER", "default", "<tok-1")
+    assert not _accepts("tok-1", port)
+    assert _accepts("tok-2", port)
+    admin.config_resetstat()
+    assert request("GET", sid).json == {"counter": 3}
+    figures["D"] = {"source_calls": source.calls, "connections_opened": _handshakes(admin)}
+    assert figures["D"] == {"source_calls": 1, "connections_opened": 0}
+
+    # E: new connections: the provider fetches once (tok-1 expires within 5 minutes) and every
+    # new connection authenticates with tok-2 (the only password the server still accepts).
+    client.connection_pool.disconnect()
+    admin.config_resetstat()
+    assert request("POST", sid).json == {"counter": 4}
+    _open_connections(client, 4)
+    assert request("GET", sid).json == {"counter": 4}
+    figures["E"] = {"source_calls": source.calls, "connections_opened": _handshakes(admin)}
+    assert figures["E"] == {"source_calls": 2, "connections_opened": 4}
+    assert http.delete("/session", headers=_as(sid)).status_code == 200
+
+    print("IAM rotation:", json.dumps(figures))
+    assert _store_lines(caplog, logging.WARNING) == []
+    for token in TOKENS:
+        assert token not in caplog.text
+        assert all(token not in body for body in bodies)
+    client.close()
+
+
+def test_iam_failing_token_source_is_503_logged_once_naming_iam(
+    own_redis: RedisServer, iam_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = own_redis.port
+    # Expiring in 60 s: inside the refresh margin, so every new connection asks the source;
+    # while the source fails, the cached token (still valid for a minute) keeps working.
+    hiccup = FakeTokenSource("tok-1", lifetime=60)
+    steady = _iam_client(port, hiccup)
+    steady_http = _http(_iam_app(port, steady))
+    assert steady_http.post("/session/counter", headers=JSON).status_code == 200
+    hiccup.failing = True
+    steady.connection_pool.disconnect()
+    calls = hiccup.calls
+    assert steady_http.post("/session/counter", headers=JSON).status_code == 200
+    assert hiccup.calls > calls  # it asked, and fell back on the token it had
+    steady.close()
+
+    # Expiring in 20 s: too close to its end to be used when no new token comes.
+    source = FakeTokenSource("tok-1", lifetime=20)
+    client = _iam_client(port, source)
+    app = _iam_app(port, client)
+    http = _http(app)
+    created = http.post("/session/counter", headers=JSON)
+    assert created.status_code == 200
+    sid = _sid(created)
+
+    source.token, source.failing = "tok-2", True
+    client.connection_pool.disconnect()
+    figures: dict[str, Any] = {}
+    for name, method, headers in (
+        ("read", "GET", _as(sid)),  # the session cannot be read
+        ("new", "POST", JSON),  # a new session cannot be written
+    ):
+        caplog.clear()
+        calls = source.calls
+        started = time.monotonic()
+        response = http.open("/session/counter", method=method, headers=headers)
+        elapsed = time.monotonic() - started
+        lines = _store_lines(caplog)
+        figures[name] = {
+            "status": response.status_code,
+            "seconds": round(elapsed, 3),
+            "source_calls": source.calls - calls,
+            "log": lines,
+        }
+        assert response.status_code == 503
+        assert response.headers.get("Retry-After") == "5"
+        assert "Set-Cookie" not in response.headers
+        assert 1 <= source.calls - calls <= 1 + RETRIES
+        text = str(response.headers) + response.get_data(as_text=True) + caplog.text
+        for token in TOKENS:
+            assert token not in text
+        assert len(lines) == 1, lines
+    client.close()
+    print("IAM failing source:", json.dumps(figures))
+    # The one line says why: the token could not be had (not just "ConnectionError").
+    logged = [line for figure in figures.values() for line in figure["log"]]
+    assert all("IAM" in line for line in logged), logged
+
+
+# -- 2. a Redis Cluster with TLS only --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return write_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[TlsRedisCluster]:
+    """3 TLS-only primaries whose certificate names 127.0.0.1."""
+    cluster = TlsRedisCluster(
+        tmp_path_factory.mktemp("tls-cluster"), tls_files, password=TLS_PASSWORD
+    ).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def mismatched_tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[TlsRedisCluster]:
+    """3 TLS-only primaries whose certificate (same CA) names another host: Memorystore's case."""
+    cluster = TlsRedisCluster(
+        tmp_path_factory.mktemp("tls-cluster-mismatched"),
+        tls_files,
+        password=TLS_PASSWORD,
+        mismatched=True,
+    ).start()
+    yield cluster
+    cluster.stop()
+
+
+def _tls_admin(cluster: TlsRedisCluster) -> RedisCluster:
+    return RedisCluster(
+        host="127.0.0.1",
+        port=cluster.ports[0],
+        password=cluster.password,
+        ssl=True,
+        ssl_ca_certs=str(cluster.files.ca),
+        ssl_check_hostname=False,
+        socket_timeout=2,
+    )
+
+
+def _assert_ready_cluster(app: Flask) -> dict[str, Any]:
+    response = _http(app).get("/readyz")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert isinstance(body, dict)
+    assert body["topology"] == "cluster"
+    assert body["primaries"] == 3
+    assert body["slots_covered"] == 16384
+    assert "127.0.0.1" not in response.get_data(as_text=True)
+    return body
+
+
+def _assert_tls_failure(app: Flask, caplog: pytest.LogCaptureFixture, detail: str) -> list[str]:
+    caplog.clear()
+    response = _http(app).post("/session/counter", headers=JSON)
+    assert response.status_code == 503
+    assert response.headers.get("Retry-After") == "5"
+    assert _http(app).get("/readyz").status_code == 503
+    lines = _store_lines(caplog)
+    assert lines, "nothing logged"
+    assert all("TLS handshake failed" in line for line in lines), lines
+    assert any(detail in line for line in lines), lines
+    assert TLS_PASSWORD not in caplog.text
+    return lines
+
+
+def test_tls_cluster_session_round_trip_and_readiness(
+    make_app: MakeApp, tls_cluster: TlsRedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = make_app(**_env(tls_cluster.url(), REDIS_SSL_CA_CERTS=str(tls_cluster.files.ca)))
+    interface = SessionStore.state(app).interface
+    assert isinstance(interface, RedisSessionInterface)
+    admin = _tls_admin(tls_cluster)
+    try:
+        _round_trip(app, lambda key: admin.exists(key) == 1)
+    finally:
+        admin.close()
+    client = interface.client
+    assert isinstance(client, RedisCluster)
+    # Discovered from two seeds: all three primaries, each reached over TLS.
+    assert sorted(node.port for node in client.get_primaries()) == sorted(tls_cluster.ports)
+    body = _assert_ready_cluster(app)
+    print("TLS cluster ready:", json.dumps(body))
+    assert _store_lines(caplog, logging.WARNING) == []
+    assert TLS_PASSWORD not in caplog.text
+
+
+def test_tls_cluster_with_the_wrong_ca_is_503_naming_the_handshake(
+    make_app: MakeApp, tls_cluster: TlsRedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = tls_cluster.url()
+    app = make_app(**_env(url, REDIS_SSL_CA_CERTS=str(tls_cluster.files.other_ca)))
+    lines = _assert_tls_failure(app, caplog, "certificate")
+    print("TLS cluster wrong CA:", json.dumps(lines))
+    # No CA at all: the system store does not know the test CA either.
+    lines = _assert_tls_failure(make_app(**_env(url)), caplog, "certificate")
+    print("TLS cluster no CA:", json.dumps(lines))
+
+
+def test_tls_cluster_certificate_naming_another_host_needs_check_hostname_off(
+    make_app: MakeApp,
+    mismatched_tls_cluster: TlsRedisCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = mismatched_tls_cluster
+    ca = str(cluster.files.ca)
+    checked = make_app(**_env(cluster.url(), REDIS_SSL_CA_CERTS=ca))
+    lines = _assert_tls_failure(checked, caplog, "mismatch")
+    print("TLS cluster name mismatch:", json.dumps(lines))
+
+    # REDIS_SSL_CHECK_HOSTNAME=false (Memorystore): the name is not checked, the CA still is.
+    app = make_app(**_env(cluster.url(), REDIS_SSL_CA_CERTS=ca, REDIS_SSL_CHECK_HOSTNAME="false"))
+    caplog.clear()
+    admin = _tls_admin(cluster)
+    try:
+        _round_trip(app, lambda key: admin.exists(key) == 1)
+    finally:
+        admin.close()
+    _assert_ready_cluster(app)
+    assert _store_lines(caplog) == []
+    wrong_ca = make_app(
+        **_env(
+            cluster.url(),
+            REDIS_SSL_CA_CERTS=str(cluster.files.other_ca),
+            REDIS_SSL_CHECK_HOSTNAME="false",
+        )
+    )
+    _assert_tls_failure(wrong_ca, caplog, "certificate")
+
+
+# -- 3. a plain Redis Cluster named by REDIS_URL ---------------------------------------------------
+
+SESSIONS = 200
+
+
+def test_cluster_url_spreads_sessions_over_every_primary_one_round_trip_per_read(
+    make_app: MakeApp, redis_cluster: RedisClusterNodes
+) -> None:
+    nodes = {port: redis.Redis(port=port, socket_timeout=2) for port in redis_cluster.ports}
+    try:
+        for node in nodes.values():
+            node.flushall()
+        seeds = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports[:2])
+        app = make_app(**_env(f"redis+cluster://{seeds}"))
+        interface = SessionStore.state(app).interface
+        assert isinstance(interface, RedisSessionInterface)
+        client = interface.client
+        assert type(client) is RedisCluster
+
+        http = _http(app)
+        sids = []
+        for _ in range(SESSIONS):
+            response = http.post("/session/counter", headers=JSON)
+            assert response.status_code == 200
+            sids.append(_sid(response))
+        per_primary = {port: int(node.dbsize()) for port, node in nodes.items()}
+        print("sessions per primary:", json.dumps(per_primary))
+        assert sum(per_primary.values()) == SESSIONS
+        assert all(keys > 0 for keys in per_primary.values()), per_primary
+        assert sorted(node.port for node in client.get_primaries()) == sorted(nodes)
+
+        # Every session reads back (this also loads the read script on every primary).
+        assert all(_counter(app, sid) == 1 for sid in sids)
+
+        # One session on each primary: a read is one round trip over the whole cluster, a
+        # change two (read + write), all on the primary that owns the key.
+        prefix = SessionStore.state(app).settings.session_key_prefix
+        owners: dict[int, str] = {}
+        for sid in sids:
+            owner = client.get_node_from_key(hashed_store_id(prefix, sid)).port
+            owners.setdefault(owner, sid)
+        assert sorted(owners) == sorted(nodes)
+        counted: dict[str, Any] = {}
+        for owner, sid in sorted(owners.items()):
+            for method, expected in (("GET", 1), ("POST", 2)):
+                for node in nodes.values():
+                    node.config_resetstat()
+                response = http.open("/session/counter", method=method, headers=_as(sid))
+                assert response.status_code == 200
+                seen = {port: commands(node) for port, node in nodes.items()}
+                counted[f"{method} on {owner}"] = seen
+                assert sum(c.get("evalsha", 0) for c in seen.values()) == expected, seen
+                assert sum(sum(c.values()) for c in seen.values()) == expected, seen
+                assert seen[owner] == {"evalsha": expected}, seen
+        print("round trips per primary:", json.dumps(counted))
+    finally:
+        for node in nodes.values():
+            node.close()
