@@ -13,10 +13,13 @@ from flask import Flask
 from pyloto_corp import create_app
 from pyloto_corp.config.settings import BACKENDS, Settings, Var, backend_options
 from tests.services import FirestoreEmulator, RedisClusterNodes, RedisServer
+from tests.tls_services import TlsFiles, TlsRedisCluster, write_tls_files
 from tests.topology_services import ValkeyServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
 SECRET = "s3cr3t-" + "k" * 40
+#: The password of the TLS cluster's nodes (tests assert it never leaks either).
+TLS_PASSWORD = "tls-cluster-pass-14142135"
 
 _CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()] + [
     variable for backend in BACKENDS for variable in backend_options(backend).VARIABLES
@@ -145,3 +148,21 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeySe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA, a wrong CA, and server certificates for 127.0.0.1 (and one naming another host)."""
+    return write_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[TlsRedisCluster]:
+    """3 TLS-only primaries whose certificate names 127.0.0.1, with a password."""
+    cluster = TlsRedisCluster(
+        tmp_path_factory.mktemp("tls-cluster"), tls_files, password=TLS_PASSWORD
+    ).start()
+    yield cluster
+    cluster.stop()

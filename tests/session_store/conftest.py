@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from redis.cluster import RedisCluster
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore
@@ -143,10 +144,42 @@ def valkey_harness(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness
     )
 
 
+def _redis_cluster_tls(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
+    """The redis backend on a TLS-only, password-protected 3-primary cluster, from
+    ``REDIS_URL=rediss+cluster://:PASSWORD@...`` and ``REDIS_SSL_CA_CERTS`` (Memorystore's
+    shape)."""
+    cluster = request.getfixturevalue("tls_cluster")
+    client = RedisCluster(
+        host="127.0.0.1",
+        port=cluster.ports[0],
+        password=cluster.password,
+        ssl=True,
+        ssl_ca_certs=str(cluster.files.ca),
+        socket_timeout=2,
+    )
+    request.addfinalizer(client.close)
+    for node in client.get_primaries():
+        client.flushall(target_nodes=node)
+    environ = {
+        "ENV": "production",
+        "SESSION_STORE_BACKEND": "redis",
+        "REDIS_URL": cluster.url(),
+        "REDIS_SSL_CA_CERTS": str(cluster.files.ca),
+        "SECRET_KEY": SECRET,
+    }
+    return Harness(
+        "redis_cluster_tls",
+        lambda: make_app(**environ),
+        lambda app, key: _read_redis(client, key),
+        lambda app, key, data: client.set(key, data, ex=600),
+    )
+
+
 HARNESSES = {
     "memory": _memory,
     "redis": _redis,
     "redis_cluster": _redis_cluster,
+    "redis_cluster_tls": _redis_cluster_tls,
     "valkey": valkey_harness,
     "firestore": _firestore,
 }

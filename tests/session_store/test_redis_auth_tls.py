@@ -35,15 +35,14 @@ from pyloto_corp.session_store.redis import (
     RedisSessionInterface,
 )
 from pyloto_corp.views import bp
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import SECRET, TLS_PASSWORD, MakeApp
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer
-from tests.tls_services import TlsFiles, TlsRedisCluster, write_tls_files
+from tests.tls_services import TlsFiles, TlsRedisCluster
 
 STORE_LOGGER = "pyloto_corp.session_store"
 TOKENS = ("tok-1", "tok-2")
 ADMIN_PASSWORD = "admin-pass-16180339"
-TLS_PASSWORD = "tls-cluster-pass-14142135"
 JSON = {"Accept": "application/json"}
 
 
@@ -381,23 +380,6 @@ def test_iam_failing_token_source_is_503_logged_once_naming_iam(
 
 
 # -- 2. a Redis Cluster with TLS only --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return write_tls_files(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tls_cluster(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
-) -> Iterator[TlsRedisCluster]:
-    """3 TLS-only primaries whose certificate names 127.0.0.1."""
-    cluster = TlsRedisCluster(
-        tmp_path_factory.mktemp("tls-cluster"), tls_files, password=TLS_PASSWORD
-    ).start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(scope="module")
