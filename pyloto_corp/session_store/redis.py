@@ -1,13 +1,16 @@
-"""Redis store: one hash per session, one round trip per read and per write, no lost updates.
+"""Redis store: one string per session, read with one command, merged by one script.
 
-A session is a hash with one field per top-level key (its encoded value). The read is one script
-call that returns the hash and slides its idle timeout (Flask-Session rewrites the whole session
-after every request: GET then SET). A write is one script call that applies only the fields the
-request changed or deleted, atomically, to the hash as it is now, so concurrent requests of one
-session that change different keys all land; it refuses a record that no longer exists (a logout
-is final) or a merged record over the size limit, and never overwrites an id when creating.
-Records an earlier release stored as one string are still read, and rewritten as a hash on their
-next change. Every script touches one key, so it runs unchanged on a Redis Cluster client.
+A session is one string: :data:`RECORD_MARKER`, then for each top-level key its name and its
+encoded value, each behind its length (4 bytes, big-endian), a framing simple enough for a Lua
+script to take apart. The read is ``GETEX key EX lifetime``: it returns the record and slides the
+idle timeout in one command, so a request that only reads the session costs one round trip
+(Flask-Session rewrites the whole session after every request: GET then SET). A write is one
+script call that applies only the keys the request changed or deleted to the record as it is
+now, atomically, so concurrent requests of one session that change different keys all land; it
+refuses a record that no longer exists (a logout is final) or a merged record over the size
+limit, and never overwrites an id when creating. Records an earlier release stored (a msgpack
+map) are still read, and rewritten in this layout on their next change. Every command touches
+one key, so it runs unchanged on a Redis Cluster client.
 
 A hung server must cost a request no more than ``REDIS_SOCKET_TIMEOUT``: a timeout is never
 retried (the server is not answering; a retry doubles the wait), no idle-connection health check
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +45,6 @@ from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
 from . import codec
 from .base import (
-    CREATED_AT,
     Changes,
     Record,
     StoreInterface,
@@ -70,61 +73,59 @@ IAM_REFRESH_MARGIN = 300
 #: A cached token this close to its expiry is not used any more, even when no new one comes.
 IAM_MIN_VALIDITY = 30
 
-#: KEYS[1] the session; ARGV[1] the idle lifetime in seconds. The hash's fields and values, or
-#: the string an earlier release stored (both with the expiry slid), or nil. It only reads and
-#: slides an expiry, so it may run when the server is out of memory (``allow-oom``).
-READ_SCRIPT = """#!lua flags=allow-oom
-local fields = redis.pcall('HGETALL', KEYS[1])
-if fields['err'] then
-  return redis.call('GETEX', KEYS[1], 'EX', ARGV[1])
-end
-if #fields == 0 then
-  return false
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return fields
-"""
+#: The first bytes of a record in this layout (0xc1 is a byte msgpack never uses, so no record
+#: of an earlier release, a msgpack map, starts with it).
+RECORD_MARKER: Final = b"\xc1\x02"
 
-#: KEYS[1] the session; ARGV: lifetime, max bytes, mode, number of fields set, then the fields
-#: and values set, then the fields deleted. Modes: 'create' (only if absent), 'whole' (replace
-#: an existing record), 'merge' (apply to an existing hash). Returns 'ok', 'gone', 'taken' or
-#: the merged size when it exceeds the limit (nothing written then). Declared with a shebang
-#: (Redis 7+), so an out-of-memory server refuses it before it starts, never half-way.
+#: KEYS[1] the session; ARGV: lifetime (ms), max bytes, mode, number of keys set, then the keys
+#: and values set, then the keys deleted. Modes: 'create' (only if absent), 'whole' (replace an
+#: existing record), 'merge' (apply to an existing record in this layout). Returns 'ok', 'gone',
+#: 'taken', 'format' (merge, but the record is an earlier release's: write it whole) or the
+#: merged size when it exceeds the limit (nothing written then). Declared with a shebang (Redis
+#: 7+), so an out-of-memory server refuses it before it starts, never half-way. It uses only
+#: commands the app never sends itself (GETRANGE, PSETEX), so each call counts as one round trip.
 WRITE_SCRIPT = """#!lua
 local key, ttl, limit, mode = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local count = tonumber(ARGV[4])
+local marker = '\\193\\002'
 local exists = redis.call('EXISTS', key) == 1
 if mode == 'create' then
   if exists then return 'taken' end
 elseif not exists then
   return 'gone'
 end
-local first_deleted = 5 + 2 * count
-local size, touched = 0, {}
-for i = 5, first_deleted - 1, 2 do
-  touched[ARGV[i]] = true
-  size = size + #ARGV[i] + #ARGV[i + 1]
-end
-for i = first_deleted, #ARGV do
-  touched[ARGV[i]] = true
-end
+local values, order = {}, {}
 if mode == 'merge' then
-  local current = redis.call('HGETALL', key)
-  for i = 1, #current, 2 do
-    if not touched[current[i]] then
-      size = size + #current[i] + #current[i + 1]
-    end
+  local stored = redis.call('GETRANGE', key, 0, -1)
+  if string.sub(stored, 1, 2) ~= marker then return 'format' end
+  local at = 3
+  while at <= #stored do
+    local size, name_at = struct.unpack('>I4', stored, at)
+    local name = string.sub(stored, name_at, name_at + size - 1)
+    local length, value_at = struct.unpack('>I4', stored, name_at + size)
+    values[name] = string.sub(stored, value_at, value_at + length - 1)
+    order[#order + 1] = name
+    at = value_at + length
   end
 end
-if size > limit then return size end
-if mode == 'whole' then redis.call('DEL', key) end
+local first_deleted = 5 + 2 * count
 for i = 5, first_deleted - 1, 2 do
-  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+  if values[ARGV[i]] == nil then order[#order + 1] = ARGV[i] end
+  values[ARGV[i]] = ARGV[i + 1]
 end
 for i = first_deleted, #ARGV do
-  redis.call('HDEL', key, ARGV[i])
+  values[ARGV[i]] = nil
 end
-redis.call('EXPIRE', key, ttl)
+local parts, total = {marker}, 0
+for _, name in ipairs(order) do
+  local value = values[name]
+  if value then
+    parts[#parts + 1] = struct.pack('>I4', #name) .. name .. struct.pack('>I4', #value) .. value
+    total = total + #name + #value
+  end
+end
+if total > limit then return total end
+redis.call('PSETEX', key, ttl, table.concat(parts))
 return 'ok'
 """
 
@@ -348,7 +349,7 @@ class RedisSessionInterface(StoreInterface):
         self._client: tuple[int, Client] | None = None
         self._lock = threading.Lock()
         self.display_url = display_url
-        scripts = (READ_SCRIPT, WRITE_SCRIPT, INDEX_SCRIPT)
+        scripts = (WRITE_SCRIPT, INDEX_SCRIPT)
         self._scripts = {source: _sha1(source) for source in scripts}
 
     @property
@@ -397,20 +398,34 @@ class RedisSessionInterface(StoreInterface):
             raise self._unavailable(exc) from None
 
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
-        reply = self._script(READ_SCRIPT, store_id, _seconds(lifetime))
-        if reply is None:
+        # execute_command skips redis-py's keyword parsing for GETEX (a few µs on every
+        # request); the command sent is the same.
+        client: Any = self.client
+        data = self._call(client.execute_command, "GETEX", store_id, "EX", _seconds(lifetime))
+        if data is None:
             return None
-        if isinstance(reply, bytes):
-            return Record(None, blob=reply)  # stored whole by an earlier release
-        names = [name.decode("utf-8", "surrogatepass") for name in reply[::2]]
-        return Record(dict(zip(names, reply[1::2], strict=True)))
+        if data[:2] != RECORD_MARKER:
+            return Record(None, blob=data)  # stored whole by an earlier release
+        try:
+            return Record(parse_record(data))
+        except ValueError:
+            return Record(None, blob=data)  # undecodable: decode() discards it with a warning
 
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         return self._apply(store_id, "create", fields, (), lifetime) == b"ok"
 
     def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
         mode = "whole" if changes.whole else "merge"
-        return self._apply(store_id, mode, changes.set, changes.delete, lifetime) == b"ok"
+        reply = self._apply(store_id, mode, changes.set, changes.delete, lifetime)
+        if reply == b"format":
+            # An instance of the previous release rewrote the record in its own layout while
+            # this request ran (a rolling deploy): write this request's session whole.
+            stored_fields = dict(stored.fields or {})
+            stored_fields.update(changes.set)
+            for name in changes.delete:
+                stored_fields.pop(name, None)
+            reply = self._apply(store_id, "whole", stored_fields, (), lifetime)
+        return reply == b"ok"
 
     def _apply(
         self,
@@ -420,7 +435,8 @@ class RedisSessionInterface(StoreInterface):
         deleted: tuple[str, ...],
         lifetime: timedelta,
     ) -> bytes:
-        args: list[Any] = [_seconds(lifetime), self.max_bytes, mode, len(fields)]
+        milliseconds = max(1000, int(lifetime.total_seconds() * 1000))
+        args: list[Any] = [milliseconds, self.max_bytes, mode, len(fields)]
         for name, raw in fields.items():
             args += (name.encode("utf-8", "surrogatepass"), raw)
         args += (name.encode("utf-8", "surrogatepass") for name in deleted)
@@ -465,19 +481,19 @@ class RedisSessionInterface(StoreInterface):
             return {}
         pipe = self.client.pipeline(transaction=False)
         for member in members:
-            pipe.hget(member, self.user_key)
-            pipe.hget(member, CREATED_AT)
+            pipe.get(member)
             pipe.pttl(member)
         replies = self._call(pipe.execute, raise_on_error=False)
         found: dict[str, UserSession] = {}
         stale: list[str] = []
         for position, member in enumerate(members):
-            owner, created, left = replies[3 * position : 3 * position + 3]
-            if not isinstance(owner, bytes) or _text(owner) != user or not _positive(left):
+            data, left = replies[2 * position : 2 * position + 2]
+            fields = _fields_or_none(data)
+            owner = None if fields is None else fields.get(self.user_key)
+            if owner is None or _text(owner) != user or not _positive(left):
                 stale.append(member)
                 continue
-            fields = {CREATED_AT: created} if isinstance(created, bytes) else {}
-            found[member] = user_session(member, fields, lifetime, left / 1000)
+            found[member] = user_session(member, fields or {}, lifetime, left / 1000)
         if stale:
             self._call(self.client.zrem, index, *stale)
         return found
@@ -532,6 +548,37 @@ class RedisSessionInterface(StoreInterface):
                 "covered)"
             )
         return facts
+
+
+def parse_record(data: bytes) -> dict[str, bytes]:
+    """A record in this release's layout: each key's encoded value. ValueError when the
+    framing is broken."""
+    fields: dict[str, bytes] = {}
+    unpack, end, at = _LENGTH.unpack_from, len(data), len(RECORD_MARKER)
+    try:
+        while at < end:
+            (size,) = unpack(data, at)
+            name = data[at + 4 : at + 4 + size].decode("utf-8", "surrogatepass")
+            (length,) = unpack(data, at + 4 + size)
+            at += 8 + size + length
+            if at > end:
+                raise ValueError("truncated session record")
+            fields[name] = data[at - length : at]
+    except (struct.error, UnicodeDecodeError):
+        raise ValueError("malformed session record") from None
+    return fields
+
+
+_LENGTH = struct.Struct(">I")
+
+
+def _fields_or_none(data: object) -> dict[str, bytes] | None:
+    if not isinstance(data, bytes) or data[:2] != RECORD_MARKER:
+        return None
+    try:
+        return parse_record(data)
+    except ValueError:
+        return None
 
 
 def _text(raw: bytes) -> str | None:

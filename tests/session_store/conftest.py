@@ -14,6 +14,7 @@ from redis.cluster import RedisCluster
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
 from tests.conftest import SECRET, MakeApp
 
@@ -56,10 +57,11 @@ def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
 
 
 def _read_redis(client: Any, key: str) -> object:
-    kind = client.type(key)
-    if kind == b"hash":
-        return {name.decode(): value for name, value in client.hgetall(key).items()}
-    return client.get(key) if kind == b"string" else None
+    """The record as stored: each key's encoded value, or an earlier release's bytes."""
+    data = client.get(key)
+    if isinstance(data, bytes) and data[:2] == redis_backend.RECORD_MARKER:
+        return redis_backend.parse_record(data)
+    return data
 
 
 def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
