@@ -13,7 +13,10 @@ from typing import Any
 #: Commands the session scripts run inside Redis (not round trips of their own).
 SCRIPT_INTERNAL = frozenset({"exists", "getrange", "psetex", "expire", "zadd", "zremrangebyscore"})
 #: Connection set-up and the measurement itself, not work done for a request.
-HANDSHAKE = frozenset({"hello", "client|setinfo", "ping", "info", "config|resetstat"})
+#: (A cluster client reads the slot map and the command table once, when it is built.)
+HANDSHAKE = frozenset(
+    {"hello", "client|setinfo", "ping", "info", "config|resetstat", "cluster|slots", "command"}
+)
 
 
 def commands(client: Any, *, ours: bool = True) -> dict[str, int]:
