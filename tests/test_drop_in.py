@@ -652,3 +652,29 @@ def test_any_supported_value_round_trips_exactly(backend: Backend) -> None:
 
     round_trips()
     assert time.monotonic() - started < 15, "the property took too long on this backend"
+
+
+def test_flask_login_pages_answer_503_or_200_not_500_while_the_store_is_down(
+    own_redis: RedisServer,
+) -> None:
+    """Flask-Login checks ``"_remember" in session`` after every request: during an outage a
+    page that needs the user is a 503 and a public page still a 200, never a 500."""
+    app = create_host_app(
+        {"ENV": "production", "SESSION_STORE_BACKEND": "redis", "REDIS_URL": own_redis.url}
+    )
+
+    @app.get("/public")
+    def public() -> str:
+        return "hello"
+
+    browser = Browser(app)
+    browser.login("ana")
+    own_redis.stop()
+    try:
+        private = browser.get("/me", headers={"Accept": "application/json"})
+        assert private.status_code == 503
+        assert private.json is not None
+        assert private.json["error"] == "session_store_unavailable"
+        assert browser.get("/public").status_code == 200
+    finally:
+        own_redis.start()

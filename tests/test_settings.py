@@ -359,3 +359,9 @@ def test_proxy_hops(environ: dict[str, str], hops: int) -> None:
 def test_proxy_hops_out_of_range() -> None:
     problems = Settings.from_env({Var.TRUSTED_PROXY_HOPS: "9"}).validate()
     assert problems == ["TRUSTED_PROXY_HOPS must be a whole number from 0 to 5."]
+
+
+def test_the_redis_options_repr_hides_the_password() -> None:
+    options = redis.Options(url="redis://user:hunter2-pw@host:6379/0")
+    assert "hunter2-pw" not in repr(options)
+    assert "redis://***@host:6379/0" in repr(options)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from flask import Flask, Request, Response, jsonify, request
+from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
@@ -190,20 +190,52 @@ class StoreSession(ServerSideSession):
         return not INTERNAL_KEYS.issuperset(dict.keys(self))
 
 
-class UnavailableSession(StoreSession):
-    """Stands in when the store could not be read: any use of the data raises
-    SessionStoreUnavailable (answered 503), so no view mistakes it for an empty session, and a
-    view that never touches the session (a health check) still works."""
+def _refused(name: str) -> Any:
+    method = getattr(dict, name)
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+    def refuse(self: UnavailableSession, *args: Any, **kwargs: Any) -> Any:
+        if self.view_returned:
+            return method(self, *args, **kwargs)  # an empty session that is never stored
         raise SessionStoreUnavailable("The session store could not be read for this request.")
 
-    __getitem__ = __setitem__ = __delitem__ = __contains__ = __iter__ = __len__ = _refuse
-    get = setdefault = pop = popitem = update = clear = keys = values = items = _refuse
+    return refuse
+
+
+class UnavailableSession(StoreSession):
+    """Stands in when the store could not be read. While the view runs, any use of the data
+    raises SessionStoreUnavailable (answered 503), so no view mistakes it for an empty session,
+    and a view that never touches the session (a health check) still works. Once the view has
+    returned (or its 503 has been made), other extensions' after-request hooks (Flask-Login
+    checks ``"_remember" in session`` on every response) see an empty session, so the answer
+    stays what it is instead of becoming a 500. It is never stored."""
+
+    view_returned = False
+
+    def after_view(self, response: Response) -> Response:
+        """Run by Flask before every after-request hook of the app (``after_this_request``)."""
+        self.view_returned = True
+        return response
+
+    __getitem__ = _refused("__getitem__")
+    __setitem__ = _refused("__setitem__")
+    __delitem__ = _refused("__delitem__")
+    __contains__ = _refused("__contains__")
+    __iter__ = _refused("__iter__")
+    __len__ = _refused("__len__")
+    get = _refused("get")
+    setdefault = _refused("setdefault")
+    pop = _refused("pop")
+    popitem = _refused("popitem")
+    update = _refused("update")
+    clear = _refused("clear")
+    keys = _refused("keys")
+    values = _refused("values")
+    items = _refused("items")
 
     def __bool__(self) -> bool:
-        self._refuse()
-        return False
+        if self.view_returned:
+            return False
+        raise SessionStoreUnavailable("The session store could not be read for this request.")
 
 
 def unavailable_response() -> Response:
@@ -278,8 +310,8 @@ class StoreInterface(ServerSideSessionInterface):
         exceed ``max_bytes``."""
 
     @abstractmethod
-    def delete(self, store_id: str) -> None:
-        """Delete the record (absent is fine)."""
+    def delete(self, store_id: str) -> bool:
+        """Delete the record; whether it was there (absent is fine, and says False)."""
 
     @abstractmethod
     def ping(self) -> dict[str, object]:
@@ -329,7 +361,9 @@ class StoreInterface(ServerSideSessionInterface):
                 data = None
         except SessionStoreUnavailable as exc:
             logger.error("%s", exc)
-            return UnavailableSession(sid=self._generate_sid(self.sid_length))
+            stand_in = UnavailableSession(sid=self._generate_sid(self.sid_length))
+            after_this_request(stand_in.after_view)
+            return stand_in
         if record is None or data is None:
             return self.new_session()
         return self.session_class(data, sid=sid, stored=record, owner=self.user_of(data))
@@ -422,17 +456,23 @@ class StoreInterface(ServerSideSessionInterface):
         if session.stored is not None:
             changes = self.changes(fields, session.stored)
             rewritten = changes.whole
-            if changes and not self.update(store_id, changes, lifetime, session.stored):
+            if not changes:
+                self.touch(store_id, session.stored, lifetime)
+            elif not self.update(store_id, changes, lifetime, session.stored):
                 raise SessionGone
         else:
             self._create(session, fields, lifetime)
             store_id = self.store_id(session.sid)
         if session.replaces is not None:
             # After the new record exists: a login that failed leaves the old session intact.
-            self.delete(session.replaces)
+            replaced_was_there = self.delete(session.replaces)
             if session.owner is not None:
                 self.unindex(session.replaces, session.owner)
             session.owner = None
+            if not replaced_was_there:
+                # Logged out or revoked while this request ran: its copy must not outlive it.
+                self.delete(store_id)
+                raise SessionGone
         self._reindex(session, store_id, rewritten)
         self._set_cookie(app, session, response)
 
@@ -613,10 +653,16 @@ def _error_response(error: str, message: str, status: int) -> Response:
 
 
 def _replace(response: Response, replacement: Response) -> None:
-    """Turn ``response`` (already built by the view) into ``replacement``, keeping the view's
-    other cookies but never a session cookie."""
+    """Turn ``response`` (already built by the view, and through the after-request hooks) into
+    ``replacement``: its status, body and headers, plus the view's other cookies (never a
+    session cookie: none is set on this path). Nothing of the view's answer is left to describe
+    a body it no longer has (Content-Encoding, ETag, Location) or to let a cache keep it."""
+    cookies = response.headers.getlist("Set-Cookie")
     response.status_code = replacement.status_code
+    response.headers.clear()
+    response.headers.extend(replacement.headers)
+    for cookie in cookies:
+        response.headers.add("Set-Cookie", cookie)
+    response.headers["Cache-Control"] = "no-store"
+    response.vary.add("Cookie")
     response.set_data(replacement.get_data())
-    response.content_type = replacement.content_type
-    if "Retry-After" in replacement.headers:
-        response.headers["Retry-After"] = replacement.headers["Retry-After"]

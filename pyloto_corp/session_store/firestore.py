@@ -1,16 +1,19 @@
 """Firestore store: one document per session, written with preconditions, refreshed lazily.
 
-Document ``{collection}/{prefix}{sha256(session id)}`` holds ``data`` (a map: one entry per
+Document ``{collection}/{prefix}{sha256(session id)}`` holds ``fields`` (a map: one entry per
 session key, its encoded value), ``expires_at`` (a timestamp a Firestore TTL policy can delete
-on) and ``updated_at``. A document an earlier release wrote holds ``data`` as one blob: it is
-read, and rewritten as a map on its next change.
+on), ``updated_at`` and ``user`` (for "log out everywhere"). A document an earlier release wrote
+holds the session as one blob in ``data``: it is read, and rewritten as ``fields`` (``data``
+removed) on its next change. Two field names, so that an instance of the earlier release writing
+``data`` during a rolling deploy can never have a merge of ``fields.<key>`` applied on top of its
+blob: a document with ``fields`` is read from ``fields``.
 
 - A read is one document get. TTL deletion is eventual, so a document whose ``expires_at`` has
   passed is treated as absent.
 - A read-only request rewrites ``expires_at`` only when it is more than the refresh interval
   stale, keeping each session far below Firestore's one write per second per document.
 - A new session is ``create()``d (an id collision fails instead of overwriting), an existing one
-  ``update()``d with field paths: only ``data.<key>`` of the keys the request changed (or
+  ``update()``d with field paths: only ``fields.<key>`` of the keys the request changed (or
   ``DELETE_FIELD`` for those it deleted), so concurrent requests changing different keys all
   land, and ``update()``'s exists precondition keeps a logout final. No transactions on the hot
   path. Keys that are not plain identifiers are stored under an encoded name.
@@ -43,7 +46,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
-from ..errors import SessionStoreUnavailable
+from ..errors import SessionStoreUnavailable, UnstorableValue
 from . import codec
 from .base import (
     CREATED_AT,
@@ -69,6 +72,11 @@ MAX_DATA_BYTES = 1_048_576 - 4_096
 DELETE_BATCH_SIZE = 500
 #: The document field holding the session's user (SESSION_USER_KEY's value, as text).
 USER_FIELD = "user"
+#: The map of the session's keys; ``data`` is where an earlier release kept the whole blob.
+FIELDS = "fields"
+LEGACY_DATA = "data"
+#: Firestore caps a field name at 1,500 bytes; an encoded key name stays well under it.
+MAX_KEY_BYTES = 1000
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -180,6 +188,14 @@ def field_name(key: str) -> str:
     return _ENCODED + encoded
 
 
+def _check_key_length(key: str) -> None:
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise UnstorableValue(
+            f"A session key of {len(key.encode('utf-8', 'surrogatepass')):,} bytes is longer than "
+            f"the firestore store accepts ({MAX_KEY_BYTES:,}); use a shorter key."
+        )
+
+
 def session_key(name: str) -> str:
     if not name.startswith(_ENCODED):
         return name
@@ -237,12 +253,16 @@ class FirestoreSessionInterface(StoreInterface):
         return self.client.collection(self.collection).document(store_id)
 
     def _call(
-        self, operation: Callable[..., Any], *args: Any, missing_is_gone: bool = False
+        self,
+        operation: Callable[..., Any],
+        *args: Any,
+        missing_is_gone: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Run one operation within the timeout. ``NotFound`` is re-raised only where it means
         "this session is gone" (``missing_is_gone``); elsewhere the database is missing."""
         try:
-            return operation(*args, retry=self.retry, timeout=self.timeout)
+            return operation(*args, retry=self.retry, timeout=self.timeout, **kwargs)
         except google_exceptions.NotFound:
             if missing_is_gone:
                 raise
@@ -268,15 +288,20 @@ class FirestoreSessionInterface(StoreInterface):
         if not snapshot.exists:
             return None
         document = snapshot.to_dict() or {}
-        data, expires_at = document.get("data"), document.get("expires_at")
-        if not isinstance(expires_at, datetime) or not isinstance(data, dict | bytes):
+        expires_at, stored = document.get("expires_at"), document.get(FIELDS)
+        if not isinstance(expires_at, datetime):
             return self._malformed(store_id)
         if expires_at <= _now():
             return None  # expired; the TTL policy or the cleanup command deletes it later
-        if isinstance(data, bytes):
-            return Record(None, blob=data, version=expires_at)  # an earlier release's blob
+        if stored is None:
+            blob = document.get(LEGACY_DATA)
+            if not isinstance(blob, bytes):
+                return self._malformed(store_id)
+            return Record(None, blob=blob, version=expires_at)  # an earlier release's blob
+        if not isinstance(stored, dict):
+            return self._malformed(store_id)
         try:
-            fields = {session_key(name): raw for name, raw in data.items()}
+            fields = {session_key(name): raw for name, raw in stored.items()}
         except ValueError:
             return self._malformed(store_id)
         if not fields or not all(isinstance(raw, bytes) for raw in fields.values()):
@@ -291,11 +316,13 @@ class FirestoreSessionInterface(StoreInterface):
 
     @staticmethod
     def _data(fields: Mapping[str, bytes]) -> dict[str, bytes]:
+        for key in fields:
+            _check_key_length(key)
         return {field_name(key): raw for key, raw in fields.items()}
 
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         now = _now()
-        document = {"data": self._data(fields), "expires_at": now + lifetime, "updated_at": now}
+        document = {FIELDS: self._data(fields), "expires_at": now + lifetime, "updated_at": now}
         owner = self._owner(fields)
         if owner is not None:
             document[USER_FIELD] = owner
@@ -309,12 +336,14 @@ class FirestoreSessionInterface(StoreInterface):
         now = _now()
         updates: dict[str, Any] = {"expires_at": now + lifetime, "updated_at": now}
         if changes.whole:
-            updates["data"] = self._data(changes.set)
+            updates[FIELDS] = self._data(changes.set)
+            updates[LEGACY_DATA] = firestore.DELETE_FIELD
         else:
             for key, raw in changes.set.items():
-                updates[FieldPath("data", field_name(key)).to_api_repr()] = raw
+                _check_key_length(key)
+                updates[FieldPath(FIELDS, field_name(key)).to_api_repr()] = raw
             for key in changes.delete:
-                updates[FieldPath("data", field_name(key)).to_api_repr()] = firestore.DELETE_FIELD
+                updates[FieldPath(FIELDS, field_name(key)).to_api_repr()] = firestore.DELETE_FIELD
         if changes.whole or self.user_key in changes.set or self.user_key in changes.delete:
             owner = self._owner(changes.set)
             updates[USER_FIELD] = firestore.DELETE_FIELD if owner is None else owner
@@ -344,9 +373,15 @@ class FirestoreSessionInterface(StoreInterface):
             return
         self._update(store_id, {"expires_at": now + lifetime, "updated_at": now})
 
-    def delete(self, store_id: str) -> None:
-        if is_valid_collection_id(store_id):
-            self._call(self._document(store_id).delete)
+    def delete(self, store_id: str) -> bool:
+        if not is_valid_collection_id(store_id):
+            return False
+        exists = self.client.write_option(exists=True)
+        try:
+            self._call(self._document(store_id).delete, option=exists, missing_is_gone=True)
+        except google_exceptions.NotFound:
+            return False
+        return True
 
     def ping(self) -> dict[str, object]:
         """One cheap read, to prove the database answers (readiness, ``ping``)."""
@@ -365,7 +400,7 @@ class FirestoreSessionInterface(StoreInterface):
         found: dict[str, UserSession] = {}
         for snapshot in self._user_documents(user):
             document = snapshot.to_dict() or {}
-            expires_at, data = document.get("expires_at"), document.get("data")
+            expires_at, data = document.get("expires_at"), document.get(FIELDS)
             if not isinstance(expires_at, datetime) or expires_at <= now:
                 continue  # expired: the TTL policy or `cleanup` deletes it
             fields = {}

@@ -113,9 +113,11 @@ class MemoryStore:
                 self._items[key] = (merged, now + ttl)
             return size
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str) -> bool:
+        """Whether an unexpired record was there."""
         with self._lock:
-            self._items.pop(key, None)
+            item = self._items.pop(key, None)
+            return item is not None and item[1] > time.monotonic()
 
     def live(self) -> list[tuple[str, dict[str, bytes], float]]:
         """Every unexpired record: (key, fields, seconds left)."""
@@ -151,8 +153,8 @@ class MemorySessionInterface(StoreInterface):
         self.check_size(size)
         return True
 
-    def delete(self, store_id: str) -> None:
-        self.store.delete(store_id)
+    def delete(self, store_id: str) -> bool:
+        return self.store.delete(store_id)
 
     def ping(self) -> dict[str, object]:
         """Always answers: it is this process."""

@@ -37,7 +37,7 @@ from flask import Flask
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.credentials import CredentialProvider
-from redis.exceptions import RedisClusterException
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -140,7 +140,7 @@ return 1
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Options(StoreOptions):
     backend: ClassVar[str] = REDIS
     VARIABLES: ClassVar[tuple[str, ...]] = (
@@ -196,6 +196,9 @@ class Options(StoreOptions):
             if not 0 < value <= 60:
                 problems.append(f"{var} must be a number of seconds above 0 and at most 60.")
         return problems
+
+    def __repr__(self) -> str:  # never the URL's password
+        return f"redis.Options(url={redact_url(self.url)!r}, iam_auth={self.iam_auth})"
 
     def redacted(self, settings: Settings) -> dict[str, Any]:
         return {
@@ -378,9 +381,11 @@ class RedisSessionInterface(StoreInterface):
         )
 
     def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
+        """One call into the client library: whatever it raises (its own errors, or a caller's
+        credential provider failing) is the store failing this request, a 503."""
         try:
             return command(*args, **kwargs)
-        except self.errors.store as exc:
+        except Exception as exc:
             raise self._unavailable(exc) from None
 
     def _script(self, source: str, store_id: str, *args: Any) -> Any:
@@ -394,7 +399,7 @@ class RedisSessionInterface(StoreInterface):
             except self.errors.no_script:
                 client.script_load(source)
                 return client.execute_command(*command)
-        except self.errors.store as exc:
+        except Exception as exc:
             raise self._unavailable(exc) from None
 
     def read(self, store_id: str, lifetime: timedelta) -> Record | None:
@@ -446,9 +451,8 @@ class RedisSessionInterface(StoreInterface):
         assert isinstance(reply, bytes)
         return reply
 
-    def delete(self, store_id: str) -> None:
-        # UNLINK, never used inside the scripts: a store round trip shows in INFO commandstats.
-        self._call(self.client.unlink, store_id)
+    def delete(self, store_id: str) -> bool:
+        return bool(self._call(self.client.unlink, store_id))
 
     # -- the user index --------------------------------------------------------------------------
 
@@ -514,17 +518,17 @@ class RedisSessionInterface(StoreInterface):
     def ping(self) -> dict[str, object]:
         """The topology, proven to answer: every primary of a cluster (and all 16384 slots
         covered), the current primary of a Sentinel service."""
-        client = self.client
-        if isinstance(client, RedisCluster):
+        client: Any = self.client
+        if hasattr(client, "get_primaries"):  # RedisCluster, ValkeyCluster
             return self._ping_cluster(client)
         self._call(client.ping)
-        pool = client.connection_pool
+        pool = getattr(client, "connection_pool", None)
         if isinstance(pool, SentinelConnectionPool):
             host, port = self._call(pool.get_master_address)
             return {"topology": "sentinel", "primary": f"{host}:{port}"}
         return {"topology": "standalone"}
 
-    def _ping_cluster(self, client: RedisCluster) -> dict[str, object]:
+    def _ping_cluster(self, client: Any) -> dict[str, object]:
         primaries = self._call(client.get_primaries)
         answering = 0
         for node in primaries:
@@ -533,7 +537,7 @@ class RedisSessionInterface(StoreInterface):
                 answering += 1
             except self.errors.store:
                 continue
-        slots = self._call(client.cluster_slots, target_nodes=RedisCluster.RANDOM)
+        slots = self._call(client.cluster_slots, target_nodes=type(client).RANDOM)
         covered = sum(int(end) - int(start) + 1 for start, end in slots)
         facts: dict[str, object] = {
             "topology": "cluster",
@@ -658,7 +662,7 @@ def create_client(options: Options) -> Client:
         nodes = [ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
         # The cluster client's own retries re-read the slot map between attempts (a failover).
         cluster_retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), CLUSTER_RETRIES)
-        return RedisCluster(startup_nodes=nodes, retry=cluster_retry, **common)
+        return SessionCluster(startup_nodes=nodes, retry=cluster_retry, **common)
     if target.mode == "sentinel":
         assert target.service is not None
         sentinel_options = {k: v for k, v in common.items() if not k.startswith(("user", "pass"))}
@@ -674,6 +678,14 @@ def create_client(options: Options) -> Client:
     )
 
 
+class SessionCluster(RedisCluster):
+    """RedisCluster, except that a timeout is not retried: a hung primary costs a request one
+    REDIS_SOCKET_TIMEOUT, as a hung standalone server does. A dropped connection, a cluster
+    that is down or a slot not covered still re-read the slot map and retry (a failover)."""
+
+    ERRORS_ALLOW_RETRY = (redis.ConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+
+
 class IamCredentialProvider(CredentialProvider):
     """The AUTH password is a Google access token (Memorystore IAM authentication). redis-py asks
     for credentials only when it opens a connection; the token is cached and fetched again 5
@@ -686,6 +698,14 @@ class IamCredentialProvider(CredentialProvider):
         self._lock = threading.Lock()
 
     def get_credentials(self) -> tuple[str]:
+        token = self._token
+        if token is not None and token[1] - time.time() >= IAM_REFRESH_MARGIN:
+            return (token[0],)
+        if token is not None and token[1] - time.time() > IAM_MIN_VALIDITY:
+            # Refresh in one thread; the others keep using the token that still works.
+            if not self._lock.acquire(blocking=False):
+                return (token[0],)
+            self._lock.release()
         with self._lock:
             now = time.time()
             if self._token is None or self._token[1] - now < IAM_REFRESH_MARGIN:
@@ -724,6 +744,12 @@ def check_client(client: object) -> tuple[Any, ClientErrors]:
     """The caller's client, used as given, and its library's exceptions; anything that is not a
     redis-py or valkey-py client is refused (Flask-Session would silently connect to localhost
     instead)."""
+    kwargs: object = getattr(client, "get_connection_kwargs", dict)()
+    if isinstance(kwargs, dict) and kwargs.get("decode_responses"):
+        raise TypeError(
+            "client has decode_responses=True: sessions are bytes; pass a client built without "
+            "decode_responses (or with decode_responses=False)."
+        )
     if isinstance(client, redis.Redis | RedisCluster):
         return client, ClientErrors()
     if type(client).__module__.partition(".")[0] == "valkey":

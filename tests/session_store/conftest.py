@@ -88,12 +88,11 @@ def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
         snapshot = sessions.document(key).get()
         if not snapshot.exists:
             return None
-        data = snapshot.get("data")
-        return (
-            {session_key(name): raw for name, raw in data.items()}
-            if isinstance(data, dict)
-            else data
-        )
+        document = snapshot.to_dict() or {}
+        fields = document.get("fields")
+        if isinstance(fields, dict):
+            return {session_key(name): raw for name, raw in fields.items()}
+        return document.get("data")  # stored whole by an earlier release
 
     def write(app: Flask, key: str, data: bytes) -> None:
         expires_at = datetime.now(UTC) + timedelta(hours=1)

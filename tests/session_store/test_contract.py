@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from flask import Flask, request, session
+from flask import Flask, Response, request, session
 
-from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store import SessionStore, rotate_session_id
 from tests.conftest import MakeApp
 from tests.session_store.conftest import HARNESSES, Harness, sid_of
 
@@ -454,3 +455,85 @@ def test_the_size_limit_holds_for_the_merged_record(
     assert stored is not None
     assert len([key for key in stored if key.startswith("big")]) == 1
     assert stored["counter"] == 1
+
+
+def test_a_login_finishing_after_a_logout_does_not_bring_the_session_back(
+    backend: Harness,
+) -> None:
+    """Request A (a login: it rotates the id) loaded the session before request B logged it
+    out: A's copy under the new id must not outlive the logout."""
+    app = backend.make()
+    loaded, release = threading.Event(), threading.Event()
+
+    @app.post("/slow-login")
+    def slow_login() -> dict[str, bool]:
+        session.get("counter")
+        loaded.set()
+        release.wait(10)
+        rotate_session_id()
+        session["user"] = "ana"
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = sid_of(client.post("/session/counter"))
+    results: dict[str, object] = {}
+
+    def login() -> None:
+        other = app.test_client()
+        other.set_cookie("session", sid)
+        response = other.post("/slow-login", headers={"Accept": "application/json"})
+        results["status"] = response.status_code
+        results["set-cookie"] = response.headers.get("Set-Cookie", "")
+
+    thread = threading.Thread(target=login)
+    thread.start()
+    assert loaded.wait(10)
+    client.delete("/session")
+    release.set()
+    thread.join(10)
+    assert results == {"status": 409, "set-cookie": ""}
+    assert backend.read_raw(app, backend.store_id(app, sid)) is None
+
+
+def test_a_dropped_write_answers_with_nothing_of_the_views_response(backend: Harness) -> None:
+    """The 409 replaces the view's answer whole: no ETag, Location or cacheable headers of a
+    body it no longer has; the view's other cookies stay."""
+    app = backend.make()
+    loaded, release = threading.Event(), threading.Event()
+
+    @app.post("/slow-write")
+    def slow_write() -> Response:
+        session.get("counter")
+        loaded.set()
+        release.wait(10)
+        session["late"] = True
+        response = Response("ok", status=201, headers={"ETag": '"v1"', "Location": "/x"})
+        response.headers["Cache-Control"] = "public, max-age=600"
+        response.set_cookie("lang", "fr")
+        return response
+
+    client = app.test_client()
+    sid = sid_of(client.post("/session/counter"))
+    results: dict[str, Any] = {}
+
+    def write() -> None:
+        other = app.test_client()
+        other.set_cookie("session", sid)
+        results["response"] = other.post("/slow-write", headers={"Accept": "application/json"})
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert loaded.wait(10)
+    client.delete("/session")
+    release.set()
+    thread.join(10)
+    response = results["response"]
+    assert response.status_code == 409
+    assert response.json["error"] == "session_ended"
+    assert "ETag" not in response.headers
+    assert "Location" not in response.headers
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers.getlist("Set-Cookie") == [
+        c for c in response.headers.getlist("Set-Cookie") if c.startswith("lang=fr")
+    ]
+    assert len(response.headers.getlist("Set-Cookie")) == 1

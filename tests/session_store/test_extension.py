@@ -251,3 +251,60 @@ def test_a_valkey_py_clients_errors_are_a_503_not_a_500() -> None:
     probe.set_cookie("session", "x" * 43)
     response = probe.get("/get", headers={"Accept": "application/json"})
     assert response.status_code == 503
+
+
+def test_a_client_that_decodes_responses_is_refused(redis_server: RedisServer) -> None:
+    import redis as redis_py
+
+    client = redis_py.Redis(port=redis_server.port, decode_responses=True)
+    app = Flask(__name__)
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_server.url)
+    with pytest.raises(TypeError, match="decode_responses=True"):
+        SessionStore(app, client=client)
+    client.close()
+
+
+def test_a_credential_provider_that_raises_is_a_503(redis_server: RedisServer) -> None:
+    import redis as redis_py
+    from redis.credentials import CredentialProvider
+
+    class Broken(CredentialProvider):
+        def get_credentials(self) -> tuple[str]:
+            raise RuntimeError("vault unreachable")
+
+    client = redis_py.Redis(port=redis_server.port, credential_provider=Broken(), socket_timeout=1)
+    app = Flask(__name__)
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_server.url)
+    SessionStore(app, client=client)
+
+    @app.post("/set")
+    def set_value() -> dict[str, bool]:
+        from flask import session
+
+        session["user"] = "ana"
+        return {"ok": True}
+
+    assert app.test_client().post("/set", headers={"Accept": "application/json"}).status_code == 503
+
+
+def test_a_valkey_cluster_client_reports_its_topology(redis_cluster: RedisClusterNodes) -> None:
+    import valkey.cluster
+
+    from pyloto_corp.views import bp
+
+    client = valkey.cluster.ValkeyCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    app = Flask(__name__)
+    app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_cluster.url)
+    SessionStore(app, client=client)
+    app.register_blueprint(bp)
+    readiness = app.test_client().get("/readyz")
+    assert readiness.status_code == 200
+    assert readiness.json == {
+        "status": "ready",
+        "session_store": "redis",
+        "topology": "cluster",
+        "primaries": 3,
+        "primaries_answering": 3,
+        "slots_covered": 16384,
+    }
+    client.close()

@@ -58,10 +58,10 @@ def test_document_fields(app: Flask, sessions: firestore.CollectionReference) ->
     sid = _sid(app.test_client().post("/session/counter").headers["Set-Cookie"])
     document = _doc(sessions, sid)
     assert document is not None
-    assert set(document) == {"data", "expires_at", "updated_at"}
+    assert set(document) == {"fields", "expires_at", "updated_at"}
     # One map entry per session key, each its encoded value.
-    assert set(document["data"]) == {"_permanent", "_created_at", "counter"}
-    assert codec.unpack_value(document["data"]["counter"]) == 1
+    assert set(document["fields"]) == {"_permanent", "_created_at", "counter"}
+    assert codec.unpack_value(document["fields"]["counter"]) == 1
     expected = before + timedelta(hours=1)
     assert timedelta(0) <= document["expires_at"] - expected < timedelta(seconds=5)
     assert document["updated_at"] >= before - timedelta(seconds=1)
@@ -137,6 +137,8 @@ def test_permanent_and_browser_sessions(
         {"data": "not bytes", "expires_at": datetime(2999, 1, 1, tzinfo=UTC)},
         {"data": b"\x81\xa7counter\x05", "expires_at": "tomorrow"},
         {"something": "else"},
+        {"fields": "not a map", "expires_at": datetime(2999, 1, 1, tzinfo=UTC)},
+        {"fields": {"counter": "not bytes"}, "expires_at": datetime(2999, 1, 1, tzinfo=UTC)},
     ],
 )
 def test_malformed_documents_give_a_fresh_session(
@@ -226,3 +228,45 @@ def test_unreachable_firestore_answers_503_fast_and_logs_once(
     assert readiness.status_code == 503
     assert readiness.json is not None
     assert readiness.json["status"] == "unavailable"
+
+
+def test_a_blob_written_by_the_previous_release_mid_request_never_wipes_the_session(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    """A rolling deploy: an instance of the previous release writes its whole blob to ``data``
+    while a request of this release merges into ``fields``: the merge lands on ``fields``, the
+    session keeps every key (the previous release's change is the one lost)."""
+    from pyloto_corp.session_store.firestore import FIELDS
+
+    @app.post("/late")
+    def late() -> dict[str, bool]:
+        session["late"] = True
+        key = hashed_store_id("session:", session.sid)  # type: ignore[attr-defined]
+        sessions.document(key).update({"data": b"\x81\xa7counter\x07"})
+        return {"ok": True}
+
+    client = app.test_client()
+    sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
+    assert client.post("/late").status_code == 200
+    document = _doc(sessions, sid)
+    assert document is not None
+    assert set(document[FIELDS]) == {"_permanent", "_created_at", "counter", "late"}
+    assert client.get("/session/counter").json == {"counter": 1}
+
+
+def test_a_session_key_too_long_for_firestore_is_refused_at_write(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    @app.post("/long")
+    def long_key() -> dict[str, bool]:
+        session["k" * 1200] = 1
+        return {"ok": True}
+
+    client = app.test_client()
+    client.post("/session/counter")
+    response = client.post("/long", headers={"Accept": "application/json"})
+    assert response.status_code == 500
+    assert response.json is not None
+    assert response.json["error"] == "session_unstorable"
+    assert "longer than the firestore store accepts" in response.json["message"]
+    assert client.get("/session/counter").json == {"counter": 1}

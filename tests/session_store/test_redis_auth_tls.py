@@ -517,7 +517,7 @@ def test_cluster_url_spreads_sessions_over_every_primary_one_round_trip_per_read
         interface = SessionStore.state(app).interface
         assert isinstance(interface, RedisSessionInterface)
         client = interface.client
-        assert type(client) is RedisCluster
+        assert isinstance(client, RedisCluster)
 
         http = _http(app)
         sids = []

@@ -101,3 +101,55 @@ def test_a_killed_primary_costs_503s_until_a_replica_takes_over(tmp_path: Path) 
     assert recovered, "no 200 after the last 503: the service did not recover by itself"
     assert summary["max_latency_s"] <= 2 * TIMEOUT + 1
     assert "Traceback" not in log
+
+
+def test_a_hung_cluster_primary_costs_one_socket_timeout(tmp_path: Path) -> None:
+    """A primary that accepts connections but answers nothing (SIGSTOP): the cluster client does
+    not retry a timeout, so the request's 503 comes after one REDIS_SOCKET_TIMEOUT."""
+    import os
+    import signal
+
+    from flask import Flask
+
+    from pyloto_corp.session_store import SessionStore
+
+    cluster = RedisClusterNodes(tmp_path / "cluster", primaries=3)
+    cluster.start()
+    try:
+        app = Flask(__name__)
+        app.config.update(
+            ENV="production",
+            SECRET_KEY=SECRET,
+            SESSION_STORE_BACKEND="redis",
+            REDIS_URL="redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster.ports),
+            REDIS_SOCKET_TIMEOUT=TIMEOUT,
+        )
+        SessionStore(app)
+
+        @app.post("/count")
+        def count() -> dict[str, int]:
+            from flask import session
+
+            session["n"] = int(session.get("n", 0)) + 1
+            return {"n": session["n"]}
+
+        client = app.test_client(use_cookies=True)
+        response = client.post("/count", base_url="https://localhost")
+        assert response.status_code == 200
+        sid = response.headers["Set-Cookie"].split(";", 1)[0].split("=", 1)[1]
+        victim = cluster.primary_for(hashed_store_id("session:", sid))
+        process = cluster.processes[cluster.ports.index(victim)]
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            hung = client.post(
+                "/count", base_url="https://localhost", headers={"Accept": "application/json"}
+            )
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        print("HUNG cluster primary:", json.dumps({"status": hung.status_code, "s": elapsed}))
+        assert hung.status_code == 503
+        assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + 0.5
+    finally:
+        cluster.stop()
