@@ -48,6 +48,7 @@ from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import _CONFIG_VARS, SECRET, MakeApp
 from tests.services import ROOT, FirestoreEmulator, RedisServer, free_port, wait_until
 from tests.stored import store_session, stored_session
+from tests.tls_services import write_tls_files
 
 TIMEOUT = 1.0
 #: A request against a hung store must be answered within the timeout plus this slack.
@@ -775,69 +776,9 @@ def test_redact_url_never_shows_the_password(password: str) -> None:
 # -- 10. TLS failures are named --------------------------------------------------------------------
 
 
-def _certificate_authority(name: str) -> tuple[Any, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 def _write_tls_files(directory: Path) -> dict[str, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca_key, ca_cert = _certificate_authority("pyloto test CA")
-    _, other_ca = _certificate_authority("some other CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    files = {
-        "ca": directory / "ca.crt",
-        "other_ca": directory / "other-ca.crt",
-        "cert": directory / "server.crt",
-        "key": directory / "server.key",
-    }
-    files["ca"].write_bytes(ca_cert.public_bytes(pem))
-    files["other_ca"].write_bytes(other_ca.public_bytes(pem))
-    files["cert"].write_bytes(cert.public_bytes(pem))
-    files["key"].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return files
+    made = write_tls_files(directory)
+    return {"ca": made.ca, "other_ca": made.other_ca, "cert": made.cert, "key": made.key}
 
 
 TLS_PASSWORD = "tls-pass-27182818"

@@ -185,18 +185,7 @@ def test_a_redis_cluster_client_is_used_as_given(redis_cluster: RedisClusterNode
     SessionStore(app, client=client)
     assert app.session_interface.client is client  # type: ignore[attr-defined]
 
-    @app.post("/set")
-    def set_value() -> dict[str, bool]:
-        from flask import session
-
-        session["user"] = "ana"
-        return {"ok": True}
-
-    @app.get("/get")
-    def get_value() -> dict[str, str | None]:
-        from flask import session
-
-        return {"user": session.get("user")}
+    _user_routes(app)
 
     web = app.test_client()
     web.post("/set")
@@ -214,18 +203,7 @@ def test_a_valkey_py_client_is_used_as_given(redis_server: RedisServer) -> None:
     SessionStore(app, client=client)
     assert app.session_interface.client is client  # type: ignore[attr-defined]
 
-    @app.post("/set")
-    def set_value() -> dict[str, bool]:
-        from flask import session
-
-        session["user"] = "ana"
-        return {"ok": True}
-
-    @app.get("/get")
-    def get_value() -> dict[str, str | None]:
-        from flask import session
-
-        return {"user": session.get("user")}
+    _user_routes(app)
 
     web = app.test_client()
     web.post("/set")
@@ -240,13 +218,7 @@ def test_a_valkey_py_clients_errors_are_a_503_not_a_500() -> None:
     app = Flask("down")
     app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL="redis://127.0.0.1:1")
     SessionStore(app, client=down)
-
-    @app.get("/get")
-    def get_value() -> dict[str, object]:
-        from flask import session
-
-        return {"user": session.get("user")}
-
+    _user_routes(app)
     probe = app.test_client()
     probe.set_cookie("session", "x" * 43)
     response = probe.get("/get", headers={"Accept": "application/json"})
@@ -277,12 +249,7 @@ def test_a_credential_provider_that_raises_is_a_503(redis_server: RedisServer) -
     app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_server.url)
     SessionStore(app, client=client)
 
-    @app.post("/set")
-    def set_value() -> dict[str, bool]:
-        from flask import session
-
-        session["user"] = "ana"
-        return {"ok": True}
+    _user_routes(app)
 
     assert app.test_client().post("/set", headers={"Accept": "application/json"}).status_code == 503
 
@@ -308,3 +275,17 @@ def test_a_valkey_cluster_client_reports_its_topology(redis_cluster: RedisCluste
         "slots_covered": 16384,
     }
     client.close()
+
+
+def _user_routes(app: Flask) -> None:
+    """``POST /set`` stores a user in the session, ``GET /get`` reads it back."""
+    from flask import session
+
+    @app.post("/set")
+    def set_value() -> dict[str, bool]:
+        session["user"] = "ana"
+        return {"ok": True}
+
+    @app.get("/get")
+    def get_value() -> dict[str, str | None]:
+        return {"user": session.get("user")}
