@@ -40,6 +40,19 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 MakeApp = Callable[..., Flask]
 
 
+def redis_production_env(url: str, **extra: str) -> dict[str, str]:
+    """A valid production app on the redis backend at ``url``, with 1 s store timeouts."""
+    return {
+        "ENV": "production",
+        "SESSION_STORE_BACKEND": "redis",
+        "REDIS_URL": url,
+        "SECRET_KEY": SECRET,
+        "REDIS_SOCKET_TIMEOUT": "1",
+        "REDIS_CONNECT_TIMEOUT": "1",
+        **extra,
+    }
+
+
 @pytest.fixture
 def make_app() -> MakeApp:
     """``make_app(ENV="production", ...)``: an app built from exactly these variables."""

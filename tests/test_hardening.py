@@ -45,7 +45,7 @@ from pyloto_corp.session_store.base import (
     hashed_store_id,
 )
 from pyloto_corp.session_store.redis import RedisSessionInterface
-from tests.conftest import _CONFIG_VARS, SECRET, MakeApp
+from tests.conftest import _CONFIG_VARS, SECRET, MakeApp, redis_production_env
 from tests.services import ROOT, FirestoreEmulator, RedisServer, free_port, wait_until
 from tests.stored import store_session, stored_session
 from tests.tls_services import write_tls_files
@@ -822,15 +822,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path]]]:
 
 
 def _tls_env(url: str, **extra: str) -> dict[str, str]:
-    return {
-        "ENV": "production",
-        "SESSION_STORE_BACKEND": "redis",
-        "REDIS_URL": url,
-        "SECRET_KEY": SECRET,
-        "REDIS_SOCKET_TIMEOUT": "1",
-        "REDIS_CONNECT_TIMEOUT": "1",
-        **extra,
-    }
+    return redis_production_env(url, **extra)
 
 
 def test_tls_with_the_wrong_ca_names_the_handshake(

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from ..config.settings import Settings
 
 logger = logging.getLogger("pyloto_corp.session_store")
+T = TypeVar("T")
 
 #: Seconds a client should wait before retrying while the store is down.
 RETRY_AFTER_SECONDS = 5
@@ -288,6 +291,7 @@ class StoreInterface(ServerSideSessionInterface):
         self.absolute_lifetime = absolute_lifetime
         self.max_bytes = max_bytes
         self.user_key = user_key
+        self._client_lock = threading.Lock()
 
     # -- the contract: what each backend implements ------------------------------------------------
 
@@ -611,6 +615,23 @@ class StoreInterface(ServerSideSessionInterface):
 
     def store_id(self, sid: str) -> str:
         return hashed_store_id(self.key_prefix, sid)
+
+    #: (process id, client) once built; see :meth:`process_client`.
+    _client: tuple[int, Any] | None = None
+
+    def process_client(self, build: Callable[[], T]) -> T:
+        """The backend's client, built on first use and again in a forked child: building may do
+        IO (a cluster's slot map) or open channels that do not survive a fork (gRPC), which
+        must happen neither at app init nor before gunicorn forks its workers."""
+        current = self._client
+        if current is None or current[0] != os.getpid():
+            with self._client_lock:
+                current = self._client
+                if current is None or current[0] != os.getpid():
+                    current = (os.getpid(), build())
+                    self._client = current
+        client: T = current[1]
+        return client
 
     # Flask-Session's abstract hooks: its open/save/regenerate are replaced above, so nothing in
     # Flask-Session calls these; they answer through the contract all the same.

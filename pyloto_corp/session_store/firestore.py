@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -225,29 +223,20 @@ class FirestoreSessionInterface(StoreInterface):
         # Transient errors only (unavailable, internal, too many requests), within the deadline.
         self.retry = Retry(predicate=if_transient_error, initial=0.05, maximum=0.5, timeout=timeout)
         self._client_factory = client_factory
-        self._client: tuple[int, firestore.Client] | None = None
-        self._lock = threading.Lock()
 
     # -- client ------------------------------------------------------------------------------------
 
     @property
     def client(self) -> firestore.Client:
-        """Created on first use, and again in a forked child (a gRPC channel does not survive)."""
-        current = self._client
-        if current is None or current[0] != os.getpid():
-            with self._lock:
-                current = self._client
-                if current is None or current[0] != os.getpid():
-                    try:
-                        current = (os.getpid(), self._client_factory())
-                    except GoogleAuthError as exc:
-                        raise SessionStoreUnavailable(
-                            "Firestore session store: no usable Google credentials "
-                            f"({type(exc).__name__}); on Cloud Run grant the service account "
-                            "roles/datastore.user"
-                        ) from None
-                    self._client = current
-        return current[1]
+        """Built on first use in each process (a gRPC channel does not survive a fork)."""
+        try:
+            return self.process_client(self._client_factory)
+        except GoogleAuthError as exc:
+            raise SessionStoreUnavailable(
+                "Firestore session store: no usable Google credentials "
+                f"({type(exc).__name__}); on Cloud Run grant the service account "
+                "roles/datastore.user"
+            ) from None
 
     def _document(self, store_id: str) -> firestore.DocumentReference:
         return self.client.collection(self.collection).document(store_id)

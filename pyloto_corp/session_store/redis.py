@@ -21,7 +21,6 @@ Only a dropped connection is retried, once, after a short backoff.
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 import struct
 import threading
@@ -349,28 +348,17 @@ class RedisSessionInterface(StoreInterface):
         super().__init__(app, **options)
         self.errors = errors
         self._client_factory = client_factory
-        self._client: tuple[int, Client] | None = None
-        self._lock = threading.Lock()
         self.display_url = display_url
         scripts = (WRITE_SCRIPT, INDEX_SCRIPT)
         self._scripts = {source: _sha1(source) for source in scripts}
 
     @property
     def client(self) -> Client:
-        """Built on first use, and again in a forked child: a RedisCluster reads the slot map
-        (IO) when it is built, which must happen neither at app init nor before gunicorn
-        forks."""
-        current = self._client
-        if current is None or current[0] != os.getpid():
-            with self._lock:
-                current = self._client
-                if current is None or current[0] != os.getpid():
-                    try:
-                        current = (os.getpid(), self._client_factory())
-                    except self.errors.store as exc:
-                        raise self._unavailable(exc) from None
-                    self._client = current
-        return current[1]
+        """Built on first use in each process (a RedisCluster reads the slot map then)."""
+        try:
+            return self.process_client(self._client_factory)
+        except self.errors.store as exc:
+            raise self._unavailable(exc) from None
 
     def has_client(self) -> bool:
         return self._client is not None

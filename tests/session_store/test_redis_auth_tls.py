@@ -35,7 +35,7 @@ from pyloto_corp.session_store.redis import (
     RedisSessionInterface,
 )
 from pyloto_corp.views import bp
-from tests.conftest import SECRET, TLS_PASSWORD, MakeApp
+from tests.conftest import SECRET, TLS_PASSWORD, MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer
 from tests.tls_services import TlsFiles, TlsRedisCluster
@@ -50,15 +50,7 @@ JSON = {"Accept": "application/json"}
 
 
 def _env(url: str, **extra: str) -> dict[str, str]:
-    return {
-        "ENV": "production",
-        "SESSION_STORE_BACKEND": "redis",
-        "REDIS_URL": url,
-        "SECRET_KEY": SECRET,
-        "REDIS_SOCKET_TIMEOUT": "1",
-        "REDIS_CONNECT_TIMEOUT": "1",
-        **extra,
-    }
+    return redis_production_env(url, **extra)
 
 
 def _http(app: Flask) -> FlaskClient:
