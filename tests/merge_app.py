@@ -34,6 +34,10 @@ def _routes(app: Flask) -> Flask:
         session[name] = request.args.get("value", "1")
         return {"ok": True}
 
+    @app.get("/whoami")
+    def whoami() -> dict[str, object]:
+        return {"user": session.get("user")}
+
     @app.get("/keys")
     def keys() -> dict[str, dict[str, str]]:
         return {"keys": {k: v for k, v in session.items() if k.startswith("k")}}

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Flask
 
 from pyloto_corp.session_store import SessionStore, codec
+from pyloto_corp.session_store.base import Record
 
 LIFETIME = timedelta(hours=1)
 
@@ -20,7 +21,8 @@ def stored_session(app: Flask, store_id: str) -> dict[str, Any] | None:
     """The decoded session stored under ``store_id`` (its expiry slides, as on any read)."""
     interface = SessionStore.state(app).interface
     record = interface.read(store_id, LIFETIME)
-    return None if record is None else interface.decode(record, store_id)
+    # A retired id's marker (what a login or logout leaves) holds no session.
+    return interface.decode(record, store_id) if isinstance(record, Record) else None
 
 
 def store_session(app: Flask, store_id: str, data: dict[str, Any]) -> None:

@@ -35,9 +35,9 @@ from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore, revoke_user_sessions, user_sessions
 from pyloto_corp.session_store.base import hashed_store_id
-from pyloto_corp.session_store.memory import MemorySessionInterface
 from tests.host_app import HOST_COOKIE_NAME, HOST_SECRET_KEY, create_host_app
 from tests.services import FirestoreEmulator, Gunicorn, RedisServer
+from tests.stored import stored_session
 
 BASE_URL = "https://localhost"
 BACKENDS = ("memory", "redis", "firestore")
@@ -51,7 +51,6 @@ class Backend:
 
     name: str
     config: dict[str, object]
-    exists: Callable[[Flask, str], bool]  # (app, store id) -> is the record there?
 
     def app(self) -> Flask:
         app = create_host_app(self.config)
@@ -59,14 +58,9 @@ class Backend:
         return app
 
     def has_record(self, app: Flask, sid: str) -> bool:
+        """Whether the store holds a session for ``sid`` (a retired id's marker is none)."""
         prefix = SessionStore.state(app).settings.session_key_prefix
-        return self.exists(app, hashed_store_id(prefix, sid))
-
-
-def _memory_exists(app: Flask, store_id: str) -> bool:
-    interface = app.session_interface
-    assert isinstance(interface, MemorySessionInterface)
-    return interface.store.get(store_id, 600) is not None
+        return stored_session(app, hashed_store_id(prefix, sid)) is not None
 
 
 @pytest.fixture
@@ -76,28 +70,25 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     32-character minimum and cookies are Secure (so every request goes over https)."""
     name = request.param
     if name == "memory":
-        return Backend(name, {"ENV": "test"}, _memory_exists)
+        return Backend(name, {"ENV": "test"})
     if name == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        client: redis.Redis = request.getfixturevalue("redis_client")  # flushed for this test
+        request.getfixturevalue("redis_client")  # flushed for this test
         config: dict[str, object] = {
             "ENV": "production",
             "SESSION_STORE_BACKEND": "redis",
             "REDIS_URL": server.url,
         }
-        return Backend(name, config, lambda app, key: bool(client.exists(key)))
+        return Backend(name, config)
     assert name == "firestore"
     emulator: FirestoreEmulator = request.getfixturevalue("firestore_emulator")
     request.getfixturevalue("firestore_env")  # empties it and sets FIRESTORE_EMULATOR_HOST
-    store = request.getfixturevalue("firestore_client")
     config = {
         "ENV": "production",
         "SESSION_STORE_BACKEND": "firestore",
         "FIRESTORE_PROJECT": emulator.project,
     }
-    return Backend(
-        name, config, lambda app, key: bool(store.collection("sessions").document(key).get().exists)
-    )
+    return Backend(name, config)
 
 
 every_backend = pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -40,6 +40,7 @@ class Var:
     SESSION_MAX_BYTES: Final = "SESSION_MAX_BYTES"
     SESSION_KEY_PREFIX: Final = "SESSION_KEY_PREFIX"
     SESSION_USER_KEY: Final = "SESSION_USER_KEY"
+    SESSION_ROTATE_ON_LOGIN: Final = "SESSION_ROTATE_ON_LOGIN"
     SESSION_COOKIE_NAME: Final = "SESSION_COOKIE_NAME"
     SESSION_COOKIE_SECURE: Final = "SESSION_COOKIE_SECURE"
     SESSION_COOKIE_HTTPONLY: Final = "SESSION_COOKIE_HTTPONLY"
@@ -169,8 +170,9 @@ class Settings:
     session_lifetime: timedelta = timedelta(hours=12)
     #: Absolute timeout: a session ends this long after it began, however active.
     session_absolute_lifetime: timedelta = timedelta(days=7)
-    #: False: the cookie lasts until the browser closes (Flask-Session's SESSION_PERMANENT).
-    session_permanent: bool = True
+    #: False (Flask's own default): the cookie lasts until the browser closes, and Flask-Login's
+    #: "strong" session protection applies; True: it expires at the absolute timeout.
+    session_permanent: bool = False
     #: Bytes of randomness in a session id (``secrets.token_urlsafe``).
     session_id_length: int = 32
     #: Largest encoded session a backend accepts (Firestore is also capped by its 1 MiB limit).
@@ -178,6 +180,9 @@ class Settings:
     session_key_prefix: str = "session:"
     #: The session key naming its user (Flask-Login's): what "log out everywhere" indexes.
     session_user_key: str = "_user_id"
+    #: Move the session to a new id when SESSION_USER_KEY appears or changes in a request that
+    #: did not call rotate_session_id() (session fixation defence by default).
+    session_rotate_on_login: bool = True
     session_cookie_name: str = "session"
     #: ``None`` means "safe default": ``True`` in staging/production, ``False`` elsewhere.
     session_cookie_secure: bool | None = None
@@ -221,6 +226,7 @@ class Settings:
             "session_max_bytes": env.int(Var.SESSION_MAX_BYTES, None),
             "session_key_prefix": env.str(Var.SESSION_KEY_PREFIX, None),
             "session_user_key": env.str(Var.SESSION_USER_KEY, None),
+            "session_rotate_on_login": env.bool(Var.SESSION_ROTATE_ON_LOGIN, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
             "session_cookie_httponly": env.bool(Var.SESSION_COOKIE_HTTPONLY, None),
@@ -426,6 +432,7 @@ class Settings:
             Var.SESSION_MAX_BYTES: self.session_max_bytes,
             Var.SESSION_KEY_PREFIX: self.session_key_prefix,
             Var.SESSION_USER_KEY: self.session_user_key,
+            Var.SESSION_ROTATE_ON_LOGIN: self.session_rotate_on_login,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,

@@ -49,6 +49,9 @@ RETRY_AFTER_SECONDS = 5
 CREATED_AT = "_created_at"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
 INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT})
+#: How long the marker a login or a logout leaves where a session was (see :class:`Retired`)
+#: keeps answering for it: longer than any request that may still carry the old id.
+RETIRED_LINGER = timedelta(minutes=2)
 #: Another instance's clock may run ahead of ours: a creation time up to this far in the future
 #: is accepted; beyond it the session is ignored (not deleted: it may be valid elsewhere).
 CLOCK_SKEW_TOLERANCE = 300
@@ -95,6 +98,30 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Retired:
+    """What a login or a logout leaves where a session was, for :data:`RETIRED_LINGER`.
+
+    A request still carrying the old id (an XHR in flight while the user signed in) reads this
+    instead of "no session": it starts no new anonymous session whose cookie would replace the
+    login's, and its changes are refused (409). A logout that still carries the pre-login id
+    ends ``successor`` too, so the signed-in session does not outlive the browser's cookie.
+    """
+
+    #: The store id the session moved to at login; None after a logout.
+    successor: str | None
+    #: Epoch seconds after which the marker means nothing (a read may outlive it in the store).
+    until: float
+
+    @classmethod
+    def now(cls, successor: str | None) -> Retired:
+        return cls(successor, time.time() + RETIRED_LINGER.total_seconds())
+
+    @property
+    def live(self) -> bool:
+        return self.until > time.time()
+
+
+@dataclass(frozen=True)
 class UserSession:
     """One session of a user, as ``user_sessions()`` lists it: nothing that would let the
     caller act as the user (no session id, no store key)."""
@@ -131,6 +158,7 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "absolute_lifetime": settings.session_absolute_lifetime,
         "max_bytes": settings.session_max_bytes,
         "user_key": settings.session_user_key,
+        "rotate_on_login": settings.session_rotate_on_login,
     }
 
 
@@ -172,7 +200,10 @@ class StoreSession(ServerSideSession):
 
     ``stored`` is the record read (None: a new session, or one moved to a new id);
     ``replaces`` is the store id a login left behind, deleted once the new record is written;
-    ``owner`` is the user the stored record belonged to (``SESSION_USER_KEY``) when it was read.
+    ``owner`` is the user the stored record belonged to (``SESSION_USER_KEY``) when it was read;
+    ``retired`` is the marker found when the cookie's id was retired by a login or a logout;
+    ``sent`` is what the browser's cookie already says (id, permanence, creation time), so a
+    response never sends the same cookie again.
     """
 
     def __init__(
@@ -182,11 +213,18 @@ class StoreSession(ServerSideSession):
         permanent: bool | None = None,
         stored: Record | None = None,
         owner: str | None = None,
+        retired: Retired | None = None,
     ) -> None:
         super().__init__(initial, sid, permanent)
         self.stored = stored
         self.replaces: str | None = None
         self.owner = owner
+        self.retired = retired
+        self.sent = self.cookie_state() if stored is not None else None
+
+    def cookie_state(self) -> tuple[str, object, object]:
+        """What the session cookie says: its value and what its expiry is computed from."""
+        return (self.sid, dict.get(self, "_permanent", False), dict.get(self, CREATED_AT))
 
     def __bool__(self) -> bool:
         # Only the extension's own keys left (a logout key by key) counts as empty, as in Flask.
@@ -281,24 +319,27 @@ class StoreInterface(ServerSideSessionInterface):
         app: Flask,
         *,
         key_prefix: str,
-        permanent: bool = True,
+        permanent: bool = False,
         sid_length: int = 32,
         absolute_lifetime: timedelta = timedelta(days=7),
         max_bytes: int = 512 * 1024,
         user_key: str = "_user_id",
+        rotate_on_login: bool = True,
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
         self.max_bytes = max_bytes
         self.user_key = user_key
+        self.rotate_on_login = rotate_on_login
         self._client_lock = threading.Lock()
 
     # -- the contract: what each backend implements ------------------------------------------------
 
     @abstractmethod
-    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
-        """The stored record, its idle expiry slid to ``lifetime`` from now; None when absent.
-        One round trip: this runs on every request that carries a session cookie."""
+    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
+        """The stored record, its idle expiry slid to ``lifetime`` from now; the marker a login
+        or a logout left (:meth:`retire`); None when absent. One round trip when a record is
+        there: this runs on every request that carries a session cookie."""
 
     @abstractmethod
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
@@ -316,6 +357,13 @@ class StoreInterface(ServerSideSessionInterface):
     @abstractmethod
     def delete(self, store_id: str) -> bool:
         """Delete the record; whether it was there (absent is fine, and says False)."""
+
+    @abstractmethod
+    def retire(self, store_id: str, marker: Retired) -> bool:
+        """Replace the live record at ``store_id`` by ``marker`` (kept about
+        :data:`RETIRED_LINGER`), in one atomic step; whether a live record was there. Absent
+        or already retired: nothing is written and the answer is False. Afterwards ``read``
+        returns the marker, and ``update`` refuses the id as gone."""
 
     @abstractmethod
     def ping(self) -> dict[str, object]:
@@ -360,6 +408,10 @@ class StoreInterface(ServerSideSessionInterface):
         store_id = self.store_id(sid)
         try:
             record = self.read(store_id, app.permanent_session_lifetime)
+            if isinstance(record, Retired):
+                if record.live:
+                    return self.session_class(sid=sid, retired=record)
+                record = None
             data = None if record is None else self.decode(record, store_id)
             if data is not None and not self._within_absolute_lifetime(data, store_id):
                 data = None
@@ -442,6 +494,13 @@ class StoreInterface(ServerSideSessionInterface):
     def _write(self, app: Flask, session: StoreSession, response: Response) -> None:
         lifetime = app.permanent_session_lifetime
         store_id = self.store_id(session.sid)
+        if session.retired is not None:
+            # The cookie's id was retired by a login or a logout while this request ran (or
+            # just before): nothing is stored and no cookie is sent, so the browser keeps
+            # whatever the login or logout gave it.
+            if session.modified:
+                raise SessionGone
+            return
         if not session:
             if session.modified or session.replaces is not None or session.stored is not None:
                 # Emptied (clear(), logout, key by key), or stored empty by an older release:
@@ -453,6 +512,12 @@ class StoreInterface(ServerSideSessionInterface):
             if session.stored is not None:
                 self.touch(store_id, session.stored, lifetime)
             return
+        if self.rotate_on_login and session.stored is not None and session.replaces is None:
+            user = self.user_of(session)
+            if user is not None and user != session.owner:
+                # A user signed in (or another took over) without rotate_session_id(): an id
+                # planted or seen before login must not become a signed-in session.
+                self.regenerate(session)
         if CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         fields = self.encode(session)
@@ -469,16 +534,21 @@ class StoreInterface(ServerSideSessionInterface):
             store_id = self.store_id(session.sid)
         if session.replaces is not None:
             # After the new record exists: a login that failed leaves the old session intact.
-            replaced_was_there = self.delete(session.replaces)
+            # The old id is retired, not just deleted: a request still carrying it neither
+            # writes nor sends a cookie that would replace this one.
+            replaced_was_live = self.retire(session.replaces, Retired.now(store_id))
             if session.owner is not None:
                 self.unindex(session.replaces, session.owner)
             session.owner = None
-            if not replaced_was_there:
+            if not replaced_was_live:
                 # Logged out or revoked while this request ran: its copy must not outlive it.
                 self.delete(store_id)
                 raise SessionGone
         self._reindex(session, store_id, rewritten)
-        self._set_cookie(app, session, response)
+        if session.cookie_state() != session.sent:
+            self._set_cookie(app, session, response)
+        else:
+            response.vary.add("Cookie")  # the browser already holds exactly this cookie
 
     def _reindex(self, session: StoreSession, store_id: str, rewritten: bool) -> None:
         """Keep the user index in step when the session's user appears, changes or goes (and
@@ -493,9 +563,10 @@ class StoreInterface(ServerSideSessionInterface):
         session.owner = user
 
     def _forget(self, session: StoreSession, store_id: str) -> None:
-        """Delete the session's records (and their index entries) from the store."""
+        """Retire the session's records (and drop their index entries): a request still
+        carrying the id can neither write it back nor start a session in its place."""
         for stale in self._stale_ids(session, store_id):
-            self.delete(stale)
+            self.retire(stale, Retired.now(None))
             if session.owner is not None:
                 self.unindex(stale, session.owner)
         session.owner = None
@@ -603,6 +674,11 @@ class StoreInterface(ServerSideSessionInterface):
         """Log out now: delete the stored record and move the session to a new, empty id, so
         nothing written later (in this request or one already running) brings the old id back."""
         session = _unproxied(session)
+        if session.retired is not None and session.retired.successor is not None:
+            # The request carried the id a login just retired: the browser may already hold
+            # the signed-in session's cookie, which this logout deletes; end that session too.
+            self.retire(session.retired.successor, Retired.now(None))
+        session.retired = None
         self._forget(session, self.store_id(session.sid))
         session.sid = self._generate_sid(self.sid_length)
         session.stored = None
@@ -637,7 +713,7 @@ class StoreInterface(ServerSideSessionInterface):
     # Flask-Session calls these; they answer through the contract all the same.
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
         record = self.read(store_id, self.app.permanent_session_lifetime)
-        return None if record is None else self.decode(record, store_id)
+        return self.decode(record, store_id) if isinstance(record, Record) else None
 
     def _delete_session(self, store_id: str) -> None:
         self.delete(store_id)

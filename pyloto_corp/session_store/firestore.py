@@ -50,6 +50,7 @@ from .base import (
     CREATED_AT,
     Changes,
     Record,
+    Retired,
     StoreInterface,
     StoreOptions,
     UserSession,
@@ -75,6 +76,11 @@ FIELDS = "fields"
 LEGACY_DATA = "data"
 #: Firestore caps a field name at 1,500 bytes; an encoded key name stays well under it.
 MAX_KEY_BYTES = 1000
+#: The marker a login or a logout leaves (``base.Retired``) is a document of its own, this
+#: suffix after the session's id, with ``expires_at`` and ``retired_to`` (the successor's id):
+#: deleting the session document keeps ``update()``'s exists precondition the test of "gone".
+RETIRED_SUFFIX = "~retired"
+RETIRED_TO = "retired_to"
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -270,12 +276,12 @@ class FirestoreSessionInterface(StoreInterface):
 
     # -- the contract ------------------------------------------------------------------------------
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
+    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
         if not is_valid_collection_id(store_id):
             return None
         snapshot = self._call(self._document(store_id).get)
         if not snapshot.exists:
-            return None
+            return self._retired(store_id)
         document = snapshot.to_dict() or {}
         expires_at, stored = document.get("expires_at"), document.get(FIELDS)
         if not isinstance(expires_at, datetime):
@@ -296,6 +302,15 @@ class FirestoreSessionInterface(StoreInterface):
         if not fields or not all(isinstance(raw, bytes) for raw in fields.values()):
             return self._malformed(store_id)
         return Record(fields, version=expires_at)
+
+    def _retired(self, store_id: str) -> Retired | None:
+        """The marker left at a retired id: a second read, only for an id with no session."""
+        snapshot = self._call(self._document(store_id + RETIRED_SUFFIX).get)
+        document = (snapshot.to_dict() or {}) if snapshot.exists else {}
+        until, successor = document.get("expires_at"), document.get(RETIRED_TO)
+        if not isinstance(until, datetime) or until <= _now():
+            return None
+        return Retired(successor if isinstance(successor, str) else None, until.timestamp())
 
     @staticmethod
     def _malformed(store_id: str) -> None:
@@ -368,6 +383,24 @@ class FirestoreSessionInterface(StoreInterface):
         exists = self.client.write_option(exists=True)
         try:
             self._call(self._document(store_id).delete, option=exists, missing_is_gone=True)
+        except google_exceptions.NotFound:
+            return False
+        return True
+
+    def retire(self, store_id: str, marker: Retired) -> bool:
+        """One atomic batch: the marker document written, the session document deleted if it
+        exists (the whole batch fails, writing nothing, when it does not)."""
+        if not is_valid_collection_id(store_id + RETIRED_SUFFIX):
+            return False
+        batch = self.client.batch()
+        until = datetime.fromtimestamp(marker.until, UTC)
+        batch.set(
+            self._document(store_id + RETIRED_SUFFIX),
+            {"expires_at": until, RETIRED_TO: marker.successor},
+        )
+        batch.delete(self._document(store_id), option=self.client.write_option(exists=True))
+        try:
+            self._call(batch.commit, missing_is_gone=True)
         except google_exceptions.NotFound:
             return False
         return True

@@ -21,8 +21,10 @@ from flask import Flask
 from ..config.settings import MEMORY, Settings
 from . import codec
 from .base import (
+    RETIRED_LINGER,
     Changes,
     Record,
+    Retired,
     StoreInterface,
     StoreOptions,
     UserSession,
@@ -59,15 +61,15 @@ class Options(StoreOptions):
 
 
 class MemoryStore:
-    """Store id -> (each key's encoded value, monotonic expiry), behind one lock: every
-    operation is atomic, like a Redis script."""
+    """Store id -> (each key's encoded value, or the marker a login or logout left; monotonic
+    expiry), behind one lock: every operation is atomic, like a Redis script."""
 
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.max_sessions = max_sessions
-        self._items: dict[str, tuple[dict[str, bytes], float]] = {}
+        self._items: dict[str, tuple[dict[str, bytes] | Retired, float]] = {}
         self._lock = threading.Lock()
 
-    def _live(self, key: str, now: float) -> dict[str, bytes] | None:
+    def _live(self, key: str, now: float) -> dict[str, bytes] | Retired | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -76,13 +78,14 @@ class MemoryStore:
             return None
         return item[0]
 
-    def get(self, key: str, ttl: float) -> dict[str, bytes] | None:
-        """A copy of the record, its expiry slid to ``ttl`` seconds from now (like GETEX)."""
+    def get(self, key: str, ttl: float) -> dict[str, bytes] | Retired | None:
+        """A copy of the record, its expiry slid to ``ttl`` seconds from now (like GETEX); a
+        retired id's marker as it is."""
         now = time.monotonic()
         with self._lock:
             fields = self._live(key, now)
-            if fields is None:
-                return None
+            if fields is None or isinstance(fields, Retired):
+                return fields
             self._items[key] = (fields, now + ttl)
             return dict(fields)
 
@@ -102,7 +105,7 @@ class MemoryStore:
         now = time.monotonic()
         with self._lock:
             current = self._live(key, now)
-            if current is None:
+            if current is None or isinstance(current, Retired):
                 return None
             merged = {} if changes.whole else dict(current)
             merged.update(changes.set)
@@ -117,13 +120,26 @@ class MemoryStore:
         """Whether an unexpired record was there."""
         with self._lock:
             item = self._items.pop(key, None)
-            return item is not None and item[1] > time.monotonic()
+            return item is not None and item[1] > time.monotonic() and isinstance(item[0], dict)
+
+    def retire(self, key: str, marker: Retired, ttl: float) -> bool:
+        """Replace a live record by ``marker``; whether one was there."""
+        now = time.monotonic()
+        with self._lock:
+            if not isinstance(self._live(key, now), dict):
+                return False
+            self._items[key] = (marker, now + ttl)
+            return True
 
     def live(self) -> list[tuple[str, dict[str, bytes], float]]:
         """Every unexpired record: (key, fields, seconds left)."""
         now = time.monotonic()
         with self._lock:
-            return [(k, dict(f), exp - now) for k, (f, exp) in self._items.items() if exp > now]
+            return [
+                (k, dict(f), exp - now)
+                for k, (f, exp) in self._items.items()
+                if exp > now and isinstance(f, dict)
+            ]
 
     def _evict(self, now: float) -> None:
         for key in [k for k, (_, expires) in self._items.items() if expires <= now]:
@@ -139,9 +155,9 @@ class MemorySessionInterface(StoreInterface):
         super().__init__(app, **options)
         self.store = store
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
+    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
         fields = self.store.get(store_id, lifetime.total_seconds())
-        return None if fields is None else Record(fields)
+        return fields if fields is None or isinstance(fields, Retired) else Record(fields)
 
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         return self.store.add(store_id, fields, lifetime.total_seconds())
@@ -155,6 +171,9 @@ class MemorySessionInterface(StoreInterface):
 
     def delete(self, store_id: str) -> bool:
         return self.store.delete(store_id)
+
+    def retire(self, store_id: str, marker: Retired) -> bool:
+        return self.store.retire(store_id, marker, RETIRED_LINGER.total_seconds())
 
     def ping(self) -> dict[str, object]:
         """Always answers: it is this process."""

@@ -44,8 +44,10 @@ from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
 from . import codec
 from .base import (
+    RETIRED_LINGER,
     Changes,
     Record,
+    Retired,
     StoreInterface,
     StoreOptions,
     UserSession,
@@ -75,12 +77,17 @@ IAM_MIN_VALIDITY = 30
 #: The first bytes of a record in this layout (0xc1 is a byte msgpack never uses, so no record
 #: of an earlier release, a msgpack map, starts with it).
 RECORD_MARKER: Final = b"\xc1\x02"
+#: The first bytes of the marker a login or a logout leaves where a session was (see
+#: ``base.Retired``): then the time it stops counting (8 bytes, a big-endian double) and the
+#: store id the session moved to (empty after a logout).
+RETIRED_MARKER: Final = b"\xc1\x03"
 
 #: KEYS[1] the session; ARGV: lifetime (ms), max bytes, mode, number of keys set, then the keys
 #: and values set, then the keys deleted. Modes: 'create' (only if absent), 'whole' (replace an
 #: existing record), 'merge' (apply to an existing record in this layout). Returns 'ok', 'gone',
 #: 'taken', 'format' (merge, but the record is an earlier release's: write it whole) or the
-#: merged size when it exceeds the limit (nothing written then). Declared with a shebang (Redis
+#: merged size when it exceeds the limit (nothing written then). A retired id (its marker) is
+#: 'gone' to 'whole' and 'merge' and 'taken' to 'create'. Declared with a shebang (Redis
 #: 7+), so an out-of-memory server refuses it before it starts, never half-way. It uses only
 #: commands the app never sends itself (GETRANGE, PSETEX), so each call counts as one round trip.
 WRITE_SCRIPT = """#!lua
@@ -93,10 +100,14 @@ if mode == 'create' then
 elseif not exists then
   return 'gone'
 end
-local values, order = {}, {}
+local values, order, stored = {}, {}, ''
+if mode ~= 'create' then
+  stored = redis.call('GETRANGE', key, 0, mode == 'merge' and -1 or 1)
+  local kind = string.sub(stored, 1, 2)
+  if kind == '\\193\\003' then return 'gone' end
+  if mode == 'merge' and kind ~= marker then return 'format' end
+end
 if mode == 'merge' then
-  local stored = redis.call('GETRANGE', key, 0, -1)
-  if string.sub(stored, 1, 2) ~= marker then return 'format' end
   local at = 3
   while at <= #stored do
     local size, name_at = struct.unpack('>I4', stored, at)
@@ -126,6 +137,15 @@ end
 if total > limit then return total end
 redis.call('PSETEX', key, ttl, table.concat(parts))
 return 'ok'
+"""
+
+#: KEYS[1] the session; ARGV: the marker, its lifetime (ms). Replaces a live record (in any
+#: release's layout) by the marker; 1 when it did, 0 when the id was absent or already retired.
+RETIRE_SCRIPT = """#!lua
+local head = redis.call('GETRANGE', KEYS[1], 0, 1)
+if head == '' or head == '\\193\\003' then return 0 end
+redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+return 1
 """
 
 #: KEYS[1] a user's index (a sorted set of store ids scored by login time); ARGV: the store id,
@@ -349,7 +369,7 @@ class RedisSessionInterface(StoreInterface):
         self.errors = errors
         self._client_factory = client_factory
         self.display_url = display_url
-        scripts = (WRITE_SCRIPT, INDEX_SCRIPT)
+        scripts = (WRITE_SCRIPT, RETIRE_SCRIPT, INDEX_SCRIPT)
         self._scripts = {source: _sha1(source) for source in scripts}
 
     @property
@@ -390,7 +410,7 @@ class RedisSessionInterface(StoreInterface):
         except Exception as exc:
             raise self._unavailable(exc) from None
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | None:
+    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
         # execute_command skips redis-py's keyword parsing for GETEX (a few µs on every
         # request); the command sent is the same.
         client: Any = self.client
@@ -398,6 +418,8 @@ class RedisSessionInterface(StoreInterface):
         if data is None:
             return None
         if data[:2] != RECORD_MARKER:
+            if data[:2] == RETIRED_MARKER and len(data) >= _RETIRED_HEAD:
+                return _retired(data)
             return Record(None, blob=data)  # stored whole by an earlier release
         try:
             return Record(parse_record(data))
@@ -441,6 +463,11 @@ class RedisSessionInterface(StoreInterface):
 
     def delete(self, store_id: str) -> bool:
         return bool(self._call(self.client.unlink, store_id))
+
+    def retire(self, store_id: str, marker: Retired) -> bool:
+        data = RETIRED_MARKER + _UNTIL.pack(marker.until) + (marker.successor or "").encode()
+        linger = int(RETIRED_LINGER.total_seconds() * 1000)
+        return bool(self._script(RETIRE_SCRIPT, store_id, data, linger))
 
     # -- the user index --------------------------------------------------------------------------
 
@@ -562,6 +589,14 @@ def parse_record(data: bytes) -> dict[str, bytes]:
 
 
 _LENGTH = struct.Struct(">I")
+_UNTIL = struct.Struct(">d")
+_RETIRED_HEAD = len(RETIRED_MARKER) + _UNTIL.size
+
+
+def _retired(data: bytes) -> Retired:
+    (until,) = _UNTIL.unpack_from(data, len(RETIRED_MARKER))
+    successor = data[_RETIRED_HEAD:].decode("utf-8", "replace")
+    return Retired(successor or None, until)
 
 
 def _fields_or_none(data: object) -> dict[str, bytes] | None:

@@ -140,10 +140,26 @@ def test_oversized_session_is_refused_and_the_stored_one_kept(
     assert "accepts at most 4,096" in caplog.text
 
 
-def test_cookie_expires_at_the_absolute_lifetime(backend: Harness) -> None:
+def test_sessions_are_not_permanent_unless_asked_as_in_flask(backend: Harness) -> None:
+    """Flask's promise (and what Flask-Login's "strong" protection needs): the cookie lasts
+    until the browser closes, unless the app makes the session permanent."""
     app = backend.make()
-    before = time.time()
     header = app.test_client().post("/session/counter").headers["Set-Cookie"]
+    assert "Expires=" not in header
+    assert "Max-Age" not in header
+
+
+def test_cookie_of_a_permanent_session_expires_at_the_absolute_lifetime(backend: Harness) -> None:
+    app = backend.make()
+
+    @app.post("/remember")
+    def remember() -> dict[str, bool]:
+        session.permanent = True
+        session["counter"] = 1
+        return {"ok": True}
+
+    before = time.time()
+    header = app.test_client().post("/remember").headers["Set-Cookie"]
     (expires,) = [p.split("=", 1)[1] for p in header.split("; ") if p.startswith("Expires=")]
     absolute = SessionStore.state(app).settings.session_absolute_lifetime.total_seconds()
     assert abs(parsedate_to_datetime(expires).timestamp() - (before + absolute)) < 5
