@@ -158,3 +158,19 @@ def test_a_host_apps_own_body_limit_is_kept() -> None:
     unlimited = Flask(__name__)
     SessionStore(unlimited, Settings(environment="test"))
     assert unlimited.config["MAX_CONTENT_LENGTH"] is None
+
+
+def test_on_cloud_run_without_env_the_cookie_is_secure(
+    make_app: MakeApp, redis_env: dict[str, str]
+) -> None:
+    """K_SERVICE alone (ENV left unset) makes the instance deployed: Secure, HttpOnly, Lax."""
+    environ = {**redis_env, Var.K_SERVICE: "api"}
+    del environ[Var.ENV]
+    app = make_app(**environ)
+    response = app.test_client().post("/session/counter")
+    cookie = response.headers["Set-Cookie"]
+    assert "; Secure" in cookie
+    assert "; HttpOnly" in cookie
+    assert "; SameSite=Lax" in cookie
+    with pytest.raises(ConfigurationError, match="SESSION_COOKIE_SECURE=false is refused on Cloud"):
+        make_app(**environ, SESSION_COOKIE_SECURE="false")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flask import Flask
+from flask import Flask, request
 from flask.cli import ScriptInfo
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -129,9 +129,18 @@ def test_a_host_app_behind_a_proxy_trusts_its_configured_hops(serve: Serve) -> N
 
 @pytest.mark.parametrize("hops", [0, 1, 3])
 def test_info_shows_the_hops_the_app_applies(hops: int) -> None:
+    """A host app's TRUSTED_PROXY_HOPS is applied, and info shows the count applied."""
     app = Flask(__name__)
     app.config["TRUSTED_PROXY_HOPS"] = hops
     SessionStore(app)
+
+    @app.get("/addr")
+    def addr() -> str:
+        return str(request.remote_addr)
+
+    chain = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    seen = app.test_client().get("/addr", headers={"X-Forwarded-For": ", ".join(chain)}).text
+    assert seen == (chain[-hops] if hops else "127.0.0.1")
     assert _info(app)["TRUSTED_PROXY_HOPS"] == hops
 
 
