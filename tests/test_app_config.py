@@ -177,7 +177,7 @@ FORWARDED = {"X-Forwarded-Proto": "https, https", "X-Forwarded-For": "198.51.100
 
 
 def _seen(app: Flask) -> dict[str, str]:
-    seen: dict[str, str] = app.test_client().get("/_seen", headers=FORWARDED).json
+    seen: dict[str, str] = app.test_client().get("/_seen", headers=FORWARDED).get_json()
     return seen
 
 
