@@ -20,7 +20,7 @@ from flask.cli import NoAppException, ScriptInfo
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
 from .session_store import SessionStore, revoke_user_sessions, user_sessions
-from .session_store.extension import EXTENSION_KEY, StoreState
+from .session_store.extension import EXTENSION_KEY, StoreState, effective_proxy_hops
 
 
 def _settings(environment: str | None = None) -> Settings:
@@ -73,6 +73,8 @@ def check(environment: str | None) -> None:
     problems = settings.validate()
     if problems:
         raise click.ClickException(str(ConfigurationError(settings.environment, problems)))
+    for advice in settings.advice():
+        click.echo(f"Warning: {advice}", err=True)
     click.echo(
         f"Configuration is valid for environment '{settings.environment}' "
         f"(session store: {settings.session_store_backend})."
@@ -83,7 +85,10 @@ def check(environment: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
     """Print the effective configuration, every secret shown as ***."""
-    values = _store().settings.redacted()
+    app = _app()
+    values = SessionStore.state(app).settings.redacted()
+    # What the app applies, which may be the host's own ProxyFix rather than the setting.
+    values[Var.TRUSTED_PROXY_HOPS] = effective_proxy_hops(app)
     if as_json:
         click.echo(json.dumps(values, indent=2))
         return

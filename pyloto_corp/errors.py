@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .config.settings import ENVIRONMENTS
+
 
 class ConfigurationError(ValueError):
     """The settings cannot run in this environment; raised once, at app init, with every problem."""
 
     def __init__(self, environment: str, problems: Iterable[str]) -> None:
-        self.environment = environment
+        # ENV may hold anything, a secret pasted into the wrong variable included: only a known
+        # environment's name is repeated.
+        known = environment in ENVIRONMENTS
+        self.environment = environment if known else "unknown"
         self.problems: tuple[str, ...] = tuple(problems)
         count = len(self.problems)
         noun = "problem" if count == 1 else "problems"
-        lines = [f"Invalid configuration for environment '{environment}' ({count} {noun}):"]
+        where = f"environment '{environment}'" if known else "an unknown environment"
+        lines = [f"Invalid configuration for {where} ({count} {noun}):"]
         lines += [f"  - {problem}" for problem in self.problems]
         super().__init__("\n".join(lines))
 

@@ -17,7 +17,7 @@ from tests.tls_services import TlsFiles, TlsRedisCluster, write_tls_files
 from tests.topology_services import ValkeyServer
 
 #: A valid secret for environments that require one; tests assert it never leaks.
-SECRET = "s3cr3t-" + "k" * 40
+SECRET = "s3cr3t-Vq8ZpL2mXw4nJ7yTb0dRf6hKc9sGe1aUo5iW"
 #: The password of the TLS cluster's nodes (tests assert it never leaks either).
 TLS_PASSWORD = "tls-cluster-pass-14142135"
 

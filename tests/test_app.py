@@ -6,7 +6,7 @@ import pytest
 import redis
 from flask import Flask
 
-from pyloto_corp import ConfigurationError, create_app
+from pyloto_corp import ConfigurationError, SessionStore, Settings, create_app
 from pyloto_corp.config.settings import Var
 from tests.conftest import SECRET, MakeApp
 
@@ -34,8 +34,11 @@ def test_production_with_redis_starts(make_app: MakeApp, redis_env: dict[str, st
     [
         ({Var.ENV: "production"}, "production", "memory is refused in production"),
         ({Var.ENV: "staging"}, "staging", "memory is refused in staging"),
-        ({Var.ENV: "prod", Var.SESSION_STORE_BACKEND: "postgres"}, "production", "'postgres'"),
-        ({Var.ENV: "prodution"}, "prodution", "not a known environment"),
+        (
+            {Var.ENV: "prod", Var.SESSION_STORE_BACKEND: "postgres"},
+            "production",
+            "SESSION_STORE_BACKEND is not a session store backend",
+        ),
         ({Var.K_SERVICE: "api"}, "development", "refused on Cloud Run"),
     ],
 )
@@ -47,6 +50,18 @@ def test_bad_configurations_fail_at_create_app(
     assert f"environment '{environment}'" in str(caught.value)
     assert fragment in str(caught.value)
     assert SECRET not in str(caught.value)
+
+
+def test_an_unknown_environment_is_refused_without_repeating_it(make_app: MakeApp) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        make_app(ENV="prodution", SESSION_STORE_BACKEND="postgres")
+    assert str(caught.value).startswith(
+        "Invalid configuration for an unknown environment (2 problems):\n"
+        "  - ENV is not a known environment; use one of: "
+    )
+    assert "prodution" not in str(caught.value)
+    assert "postgres" not in str(caught.value)
+    assert caught.value.environment == "unknown"
 
 
 def test_redis_password_never_in_the_error(make_app: MakeApp) -> None:
@@ -120,3 +135,42 @@ def test_forwarded_headers_are_trusted_only_behind_a_known_proxy(
 
     headers = {"X-Forwarded-Proto": "https"}
     assert app.test_client().get("/scheme", headers=headers).json == {"scheme": scheme}
+
+
+def test_the_factory_app_caps_request_bodies(make_app: MakeApp) -> None:
+    """A body over 1 MiB is answered 413 before a view reads it (Werkzeug buffers form and JSON
+    bodies in memory): the demo routes cannot be used to fill an instance's memory."""
+    app = make_app(ENV="development")
+    assert app.config["MAX_CONTENT_LENGTH"] == 1024 * 1024
+    client = app.test_client()
+    big = b'{"user": "' + b"a" * (1024 * 1024) + b'"}'
+    response = client.post("/session/login", data=big, content_type="application/json")
+    assert response.status_code == 413
+    small = client.post("/session/login", json={"user": "ana"})
+    assert small.status_code == 200
+
+
+def test_a_host_apps_own_body_limit_is_kept() -> None:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    SessionStore(app, Settings(environment="test"))
+    assert app.config["MAX_CONTENT_LENGTH"] == 16 * 1024 * 1024
+    unlimited = Flask(__name__)
+    SessionStore(unlimited, Settings(environment="test"))
+    assert unlimited.config["MAX_CONTENT_LENGTH"] is None
+
+
+def test_on_cloud_run_without_env_the_cookie_is_secure(
+    make_app: MakeApp, redis_env: dict[str, str]
+) -> None:
+    """K_SERVICE alone (ENV left unset) makes the instance deployed: Secure, HttpOnly, Lax."""
+    environ = {**redis_env, Var.K_SERVICE: "api"}
+    del environ[Var.ENV]
+    app = make_app(**environ)
+    response = app.test_client().post("/session/counter")
+    cookie = response.headers["Set-Cookie"]
+    assert "; Secure" in cookie
+    assert "; HttpOnly" in cookie
+    assert "; SameSite=Lax" in cookie
+    with pytest.raises(ConfigurationError, match="SESSION_COOKIE_SECURE=false is refused on Cloud"):
+        make_app(**environ, SESSION_COOKIE_SECURE="false")

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 import redis
-from flask import Flask
+from flask import Flask, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
 from pyloto_corp.config.app_config import effective_settings
 from pyloto_corp.session_store import redis as redis_backend
+from pyloto_corp.session_store.extension import effective_proxy_hops
 from tests.conftest import SECRET
 
 
@@ -84,7 +86,7 @@ def test_flask_session_keys_that_mean_the_same_are_honoured() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
-        ("SESSION_TYPE", "filesystem", "app.config['SESSION_TYPE']='filesystem'"),
+        ("SESSION_TYPE", "filesystem", "app.config['SESSION_TYPE'] (Flask-Session) is not"),
         ("SESSION_USE_SIGNER", True, "app.config['SESSION_USE_SIGNER'] (Flask-Session)"),
         ("SESSION_CLEANUP_N_REQUESTS", 100, "SESSION_CLEANUP_N_REQUESTS"),
         ("SESSION_SERIALIZATION_FORMAT", "json", "SESSION_SERIALIZATION_FORMAT"),
@@ -158,3 +160,92 @@ def test_flask_sessions_interface_already_installed_is_refused() -> None:
     Session(app)
     with pytest.raises(RuntimeError, match="Flask-Session's Session"):
         SessionStore(app, Settings(environment="test"))
+
+
+def _host_app(**config: Any) -> Flask:
+    app = Flask(__name__)
+    app.config.update(config)
+
+    @app.get("/_seen")
+    def seen() -> dict[str, str | None]:
+        return {"scheme": request.scheme, "remote_addr": request.remote_addr}
+
+    return app
+
+
+FORWARDED = {"X-Forwarded-Proto": "https, https", "X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+
+
+def _seen(app: Flask) -> dict[str, str]:
+    seen: dict[str, str] = app.test_client().get("/_seen", headers=FORWARDED).get_json()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("hops", "seen"),
+    [
+        (0, {"scheme": "http", "remote_addr": "127.0.0.1"}),
+        (1, {"scheme": "https", "remote_addr": "203.0.113.9"}),
+        (2, {"scheme": "https", "remote_addr": "198.51.100.7"}),
+    ],
+)
+def test_a_host_apps_trusted_proxy_hops_are_applied(hops: int, seen: dict[str, str]) -> None:
+    app = _host_app(TRUSTED_PROXY_HOPS=hops)
+    SessionStore(app)
+    assert _seen(app) == seen
+    assert SessionStore.state(app).settings.proxy_hops == hops
+    assert effective_proxy_hops(app) == hops
+
+
+def test_trusted_proxy_hops_from_the_environment_apply_to_a_host_app(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRUSTED_PROXY_HOPS", "1")
+    app = _host_app()
+    SessionStore(app)
+    assert _seen(app) == {"scheme": "https", "remote_addr": "203.0.113.9"}
+
+
+def test_a_host_apps_own_proxy_fix_is_kept_not_wrapped_twice() -> None:
+    app = _host_app()
+    own = ProxyFix(app.wsgi_app, x_for=2, x_proto=1)
+    app.wsgi_app = own  # type: ignore[method-assign]
+    # On Cloud Run, where one hop would be trusted by default.
+    SessionStore(
+        app,
+        Settings(
+            environment="production",
+            cloud_run_service="api",
+            secret_key=SECRET,
+            session_store_backend="redis",
+            store=redis_backend.Options(url="redis://127.0.0.1:1"),
+        ),
+    )
+    assert app.wsgi_app is own
+    assert _seen(app) == {"scheme": "https", "remote_addr": "198.51.100.7"}
+    assert effective_proxy_hops(app) == "x_for=2, x_proto=1 (the app's own ProxyFix)"
+
+
+def test_a_proxy_fix_the_host_adds_after_init_app_decides_alone() -> None:
+    """Wrapped later, the host's ProxyFix runs first; ours then leaves the request alone
+    instead of applying its own count on top."""
+    app = _host_app()
+    SessionStore(app, Settings(environment="test", trusted_proxy_hops=1))
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=2, x_proto=2)  # type: ignore[method-assign]
+    assert _seen(app) == {"scheme": "https", "remote_addr": "198.51.100.7"}
+    assert effective_proxy_hops(app) == 2
+
+
+def test_trusted_proxy_hops_contradicting_the_hosts_proxy_fix_are_refused() -> None:
+    app = _host_app(TRUSTED_PROXY_HOPS=1)
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=2, x_proto=2)  # type: ignore[method-assign]
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(app)
+    assert caught.value.problems == (
+        "TRUSTED_PROXY_HOPS is set and app.wsgi_app is already wrapped in a ProxyFix "
+        "(x_for=2, x_proto=2) that decides otherwise; configure proxies in one place.",
+    )
+    agreeing = _host_app(TRUSTED_PROXY_HOPS=2)
+    agreeing.wsgi_app = ProxyFix(agreeing.wsgi_app, x_for=2, x_proto=2)  # type: ignore[method-assign]
+    SessionStore(agreeing)
+    assert effective_proxy_hops(agreeing) == 2

@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import string
 
+import pytest
 from click.testing import CliRunner
+from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyloto_corp import ConfigurationError, Settings, create_app
+from pyloto_corp import ConfigurationError, SessionStore, Settings, create_app
 from pyloto_corp.cli import session_store_cli
 
 # The marker keeps a drawn secret from matching ordinary words of the output by chance
@@ -96,3 +98,82 @@ def test_secrets_never_leak(
     text = "\n".join(seen)
     for secret in (secret_key, redis_password, token):
         assert secret not in text
+
+
+PASTED = "Q7z-pasted-secret-0f9e8d7c6b5a"
+
+
+def _everything_said(environ: dict[str, str]) -> str:
+    """Every problem, error and CLI line the service produces for ``environ``."""
+    parsed = Settings.from_env(environ)
+    seen = parsed.validate()
+    try:
+        create_app(parsed)
+    except ConfigurationError as exc:
+        seen += [str(exc), repr(exc), repr(exc.args), exc.environment]
+    runner = CliRunner()
+    for command in (["check"], ["check", "--env", "prod"], ["info"], ["info", "--json"]):
+        seen.append(runner.invoke(session_store_cli, command, env=environ).output)
+    return "\n".join(seen)
+
+
+@pytest.mark.parametrize("variable", ["ENV", "SESSION_STORE_BACKEND", "SESSION_COOKIE_SAMESITE"])
+@pytest.mark.parametrize("spelling", [PASTED, PASTED.upper(), f" {PASTED}\n"])
+def test_a_secret_pasted_into_a_choice_is_never_echoed(variable: str, spelling: str) -> None:
+    """A secret pasted into a variable with fixed choices is refused by the variable's name and
+    its allowed values, never repeated: not in a problem, the error, the CLI or the repr."""
+    environ = {variable: spelling}
+    said = _everything_said(environ)
+    assert variable in said
+    assert "one of" in said or "use Lax, Strict or None" in said
+    parsed = Settings.from_env(environ)
+    said += f"\n{parsed!r}\n{parsed.redacted()}"
+    assert PASTED.lower() not in said.lower()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FIRESTORE_COLLECTION", f"__{PASTED}__"),
+        ("FIRESTORE_COLLECTION", f"{PASTED}/x"),
+        ("SESSION_COOKIE_NAME", f"{PASTED};"),
+        ("SESSION_KEY_PREFIX", PASTED * 5),
+        ("SESSION_USER_KEY", PASTED * 10),
+        ("SESSION_LIFETIME", PASTED),
+        ("REDIS_SOCKET_TIMEOUT", PASTED),
+        ("SESSION_COOKIE_SECURE", PASTED),
+        ("TRUSTED_PROXY_HOPS", PASTED),
+    ],
+)
+def test_a_refused_free_form_value_is_never_echoed(variable: str, value: str) -> None:
+    backend = "redis" if variable.startswith("REDIS") else "firestore"
+    environ = {
+        "SESSION_STORE_BACKEND": backend,
+        "FIRESTORE_PROJECT": "demo",
+        "REDIS_URL": "redis://cache",
+        variable: value,
+    }
+    said = _everything_said(environ)
+    assert variable in said
+    assert PASTED not in said
+
+
+@pytest.mark.parametrize(
+    ("config", "settings"),
+    [
+        ({"SESSION_TYPE": PASTED}, None),
+        ({"SESSION_STORE_BACKEND": PASTED}, Settings(environment="test")),
+        ({"SESSION_STORE_BACKEND": PASTED}, None),
+        ({"SESSION_COOKIE_SAMESITE": PASTED}, None),
+        ({"ENV": PASTED}, None),
+    ],
+)
+def test_a_secret_in_a_host_apps_config_is_never_echoed(
+    config: dict[str, str], settings: Settings | None
+) -> None:
+    app = Flask(__name__)
+    app.config.update(config)
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(app, settings)
+    said = f"{caught.value}\n{caught.value!r}"
+    assert PASTED.lower() not in said.lower()

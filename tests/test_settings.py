@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from datetime import timedelta
 
 import pytest
+from click.testing import CliRunner
 
+from pyloto_corp import create_app
+from pyloto_corp.cli import session_store_cli
 from pyloto_corp.config.settings import Settings, Var, redact_url
 from pyloto_corp.session_store import firestore, redis
 from tests.conftest import SECRET
@@ -133,16 +138,20 @@ def test_environment_by_backend_table(spelling: str, backend_spelling: str) -> N
 @pytest.mark.parametrize("backend", ["mongo", "redis-cluster", "", "memcached"])
 def test_invalid_backend_is_named(backend: str) -> None:
     problems = Settings(session_store_backend=backend).validate_session_store_config()
-    assert len(problems) == 1
-    assert f"SESSION_STORE_BACKEND={backend!r} is not a session store backend" in problems[0]
-    assert "memory, redis, firestore" in problems[0]
+    assert problems == [
+        "SESSION_STORE_BACKEND is not a session store backend; use one of: memory, redis, "
+        "firestore."
+    ]
 
 
 @pytest.mark.parametrize("typo", ["prodution", "prd", "qa", "development2"])
 def test_unknown_environment_is_an_error_not_development(typo: str) -> None:
     settings = Settings.from_env({Var.ENV: typo})
     assert settings.environment == typo
-    assert any(f"ENV={typo!r} is not a known environment" in p for p in settings.validate())
+    assert settings.validate() == [
+        "ENV is not a known environment; use one of: development (dev), local, test (testing), "
+        "staging (stage), production (prod)."
+    ]
 
 
 def test_missing_env_on_cloud_run_refuses_memory() -> None:
@@ -267,11 +276,80 @@ def test_secret_key_rules_in_deployed_environments(environment: str) -> None:
     missing = Settings.from_env(base).validate()
     assert missing == [missing[0]]
     assert missing[0].startswith(f"SECRET_KEY is required in {environment}")
-    short = Settings.from_env({**base, Var.SECRET_KEY: "x" * 31}).validate()
+    short = Settings.from_env({**base, Var.SECRET_KEY: SECRET[:31]}).validate()
     assert short == [f"SECRET_KEY is too short in {environment}: it needs at least 32 characters."]
     empty = Settings.from_env({**base, Var.SECRET_KEY: ""}).validate()
     assert empty[0].startswith("SECRET_KEY is required")
-    assert Settings.from_env({**base, Var.SECRET_KEY: "x" * 32}).validate() == []
+    assert Settings.from_env({**base, Var.SECRET_KEY: SECRET[:32]}).validate() == []
+
+
+#: Long enough, and still guessable: one character, a short pattern repeated, or a handful of
+#: distinct characters.
+WEAK_KEYS = [
+    "a" * 32,
+    "ab" * 16,
+    "abcdefgh" * 4,
+    "0123456789abcdef" * 2,
+    "abc" * 11 + "a",
+    "s3cr3t-" + "k" * 40,
+    "changeme" * 4,
+    "1234567" * 5,
+]
+
+
+@pytest.mark.parametrize("key", WEAK_KEYS)
+@pytest.mark.parametrize(
+    ("environ", "where"),
+    [
+        ({Var.ENV: "production"}, "in production"),
+        ({Var.ENV: "staging"}, "in staging"),
+        ({Var.K_SERVICE: "api"}, "on Cloud Run (K_SERVICE is set)"),
+    ],
+)
+def test_weak_secret_keys_are_refused_when_deployed(
+    key: str, environ: dict[str, str], where: str
+) -> None:
+    settings = Settings.from_env(
+        {
+            **environ,
+            Var.SESSION_STORE_BACKEND: "redis",
+            "REDIS_URL": "redis://r",
+            Var.SECRET_KEY: key,
+        }
+    )
+    problems = settings.validate()
+    assert problems == [
+        f"SECRET_KEY is too weak {where}: it repeats a short pattern or uses fewer than 8 "
+        "different characters; generate one with "
+        "python -c 'import secrets; print(secrets.token_urlsafe(48))'."
+    ]
+    assert key not in problems[0]
+    # The same rule for a key the host app set as bytes.
+    as_bytes = dataclasses.replace(settings, secret_key=key.encode())
+    assert as_bytes.validate() == problems
+
+
+@pytest.mark.parametrize("key", WEAK_KEYS)
+@pytest.mark.parametrize("environment", ["development", "local", "test"])
+def test_any_secret_key_is_accepted_in_development_and_tests(key: str, environment: str) -> None:
+    assert Settings.from_env({Var.ENV: environment, Var.SECRET_KEY: key}).validate() == []
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        SECRET,
+        "correct horse battery staple 2024",
+        "f3a9c1d07e5b2468a1c3e5f7092b4d6e",  # 32 hex digits, as from secrets.token_hex(16)
+        "Kq8vWz2pLm4xNj6yHb0dFg7sTr1cUe3a",
+    ],
+)
+def test_keys_that_are_not_obviously_weak_are_accepted_when_deployed(key: str) -> None:
+    settings = Settings.from_env(
+        {Var.K_SERVICE: "api", Var.SESSION_STORE_BACKEND: "redis", "REDIS_URL": "redis://r"}
+        | {Var.SECRET_KEY: key}
+    )
+    assert settings.validate() == []
 
 
 @pytest.mark.parametrize(
@@ -279,6 +357,13 @@ def test_secret_key_rules_in_deployed_environments(environment: str) -> None:
 )
 def test_cookie_secure_defaults_to_safe(environment: str, secure: bool) -> None:
     assert Settings(environment=environment).cookie_secure is secure
+
+
+def test_cloud_run_without_env_makes_cookies_secure() -> None:
+    settings = Settings.from_env({Var.K_SERVICE: "api"})
+    assert settings.environment == "development"
+    assert settings.cookie_secure is True
+    assert settings.redacted()[Var.SESSION_COOKIE_SECURE] is True
 
 
 @pytest.mark.parametrize(
@@ -289,25 +374,29 @@ def test_cookie_secure_defaults_to_safe(environment: str, secure: bool) -> None:
         (Var.SESSION_COOKIE_SAMESITE, "None"),
     ],
 )
-def test_production_refuses_relaxed_cookies(variable: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("deployed", "where"),
+    [({Var.ENV: "prod"}, "in production"), ({Var.K_SERVICE: "api"}, "on Cloud Run")],
+)
+def test_deployed_refuses_relaxed_cookies(
+    variable: str, value: str, deployed: dict[str, str], where: str
+) -> None:
     environ = {
-        Var.ENV: "prod",
         Var.SESSION_STORE_BACKEND: "redis",
         "REDIS_URL": "redis://r",
         Var.SECRET_KEY: SECRET,
         variable: value,
     }
-    problems = Settings.from_env(environ).validate()
+    problems = Settings.from_env({**environ, **deployed}).validate()
     assert len(problems) == 1
     assert problems[0].startswith(variable)
+    assert where in problems[0]
     assert Settings.from_env({**environ, Var.ENV: "dev"}).validate() == []
 
 
 def test_invalid_samesite_anywhere() -> None:
     problems = Settings.from_env({Var.SESSION_COOKIE_SAMESITE: "sometimes"}).validate()
-    assert problems == [
-        "SESSION_COOKIE_SAMESITE='Sometimes' is not valid; use Lax, Strict or None."
-    ]
+    assert problems == ["SESSION_COOKIE_SAMESITE is not valid; use Lax, Strict or None."]
 
 
 def test_validation_is_pure_and_deterministic() -> None:
@@ -365,3 +454,44 @@ def test_the_redis_options_repr_hides_the_password() -> None:
     options = redis.Options(url="redis://user:hunter2-pw@host:6379/0")
     assert "hunter2-pw" not in repr(options)
     assert "redis://***@host:6379/0" in repr(options)
+
+
+SHARED_PREFIX_ADVICE = (
+    "SESSION_KEY_PREFIX is the default 'session:' on Cloud Run: services that share a store "
+    "and a prefix accept each other's session cookies and end each other's sessions at 'log out "
+    "everywhere'; give each service its own prefix (for example SESSION_KEY_PREFIX=session:api:) "
+    "before its first deploy (changing it later ends the sessions stored under the old prefix)."
+)
+
+
+def test_the_shared_default_prefix_is_pointed_out_on_cloud_run() -> None:
+    """The default stays 'session:' (a new default would log every user out at the deploy
+    that brings it); on Cloud Run the shared default is pointed out instead."""
+    cloud_run = {
+        Var.K_SERVICE: "api",
+        Var.SESSION_STORE_BACKEND: "redis",
+        "REDIS_URL": "redis://r",
+        Var.SECRET_KEY: SECRET,
+    }
+    settings = Settings.from_env(cloud_run)
+    assert settings.session_key_prefix == "session:"
+    assert settings.validate() == []
+    assert settings.advice() == [SHARED_PREFIX_ADVICE]
+    own = Settings.from_env({**cloud_run, Var.SESSION_KEY_PREFIX: "session:api:"})
+    assert own.advice() == []
+    assert Settings.from_env({}).advice() == []
+
+
+def test_check_and_init_print_the_advice(caplog: pytest.LogCaptureFixture) -> None:
+    environ = {
+        Var.K_SERVICE: "api",
+        Var.SESSION_STORE_BACKEND: "redis",
+        "REDIS_URL": "redis://127.0.0.1:1",
+        Var.SECRET_KEY: SECRET,
+    }
+    result = CliRunner().invoke(session_store_cli, ["check"], env=environ)
+    assert result.exit_code == 0
+    assert f"Warning: {SHARED_PREFIX_ADVICE}" in result.output
+    with caplog.at_level(logging.WARNING, logger="pyloto_corp.session_store"):
+        create_app(Settings.from_env(environ))
+    assert [r.getMessage() for r in caplog.records] == [SHARED_PREFIX_ADVICE]

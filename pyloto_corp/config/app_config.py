@@ -114,8 +114,9 @@ def _backend(
     session_type = config.get("SESSION_TYPE")
     if session_type is not None:
         if session_type != REDIS:
+            # Never the value (nor below): it may be a secret pasted into the wrong key.
             problems.append(
-                f"app.config['SESSION_TYPE']={session_type!r} (Flask-Session) is not supported; "
+                "app.config['SESSION_TYPE'] (Flask-Session) is not supported except 'redis'; "
                 "set SESSION_STORE_BACKEND to memory, redis or firestore instead."
             )
         elif chosen is not None and str(chosen).strip().lower() != REDIS:
@@ -132,8 +133,8 @@ def _backend(
     text = str(chosen).strip().lower()
     if settings is not None and text != settings.session_store_backend:
         problems.append(
-            f"app.config['{Var.SESSION_STORE_BACKEND}']={text!r} contradicts the Settings passed "
-            f"to init_app() ({settings.session_store_backend!r}); configure it in one place."
+            f"app.config['{Var.SESSION_STORE_BACKEND}'] contradicts the Settings passed to "
+            "init_app(); configure it in one place."
         )
         return settings.session_store_backend
     return text

@@ -73,6 +73,15 @@ BACKENDS: Final = (MEMORY, REDIS, FIRESTORE)
 
 SAMESITE_VALUES: Final = ("Lax", "Strict", "None")
 MIN_SECRET_KEY_LENGTH: Final = 32
+#: A deployed SECRET_KEY with fewer different characters than this is guessable, whatever its
+#: length (``'a' * 32``, ``'s3cr3t-kkkk...'``); a generated key has dozens.
+MIN_SECRET_KEY_DISTINCT: Final = 8
+#: The prefix every service gets unless it sets its own (kept: changing a default prefix would
+#: end every stored session at the deploy that brings it).
+DEFAULT_KEY_PREFIX: Final = "session:"
+#: Shown instead of a value that is not one of a variable's choices (it may be anything, a
+#: secret pasted into the wrong variable included).
+NOT_A_CHOICE: Final = "(not one of the allowed values)"
 #: Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer lifetimes mean nothing.
 MAX_LIFETIME: Final = timedelta(days=400)
 REDACTED: Final = "***"
@@ -121,6 +130,15 @@ def is_cookie_name(name: str) -> bool:
     return bool(name) and all(
         "!" <= char <= "~" and char not in _COOKIE_NAME_SEPARATORS for char in name
     )
+
+
+def is_weak_secret(key: str | bytes) -> bool:
+    """Obviously guessable: fewer than 8 different characters, or one pattern repeated (a unit of
+    at most half the key, ``'ab' * 16``, ``'changeme' * 4``). Not a strength estimate: a key
+    that passes may still be weak; one that fails certainly is."""
+    if len(set(key)) < MIN_SECRET_KEY_DISTINCT:
+        return True
+    return any(key[period:] == key[:-period] for period in range(1, len(key) // 2 + 1))
 
 
 def backend_options(backend: str) -> type[StoreOptions]:
@@ -177,14 +195,14 @@ class Settings:
     session_id_length: int = 32
     #: Largest encoded session a backend accepts (Firestore is also capped by its 1 MiB limit).
     session_max_bytes: int = 512 * 1024
-    session_key_prefix: str = "session:"
+    session_key_prefix: str = DEFAULT_KEY_PREFIX
     #: The session key naming its user (Flask-Login's): what "log out everywhere" indexes.
     session_user_key: str = "_user_id"
     #: Move the session to a new id when SESSION_USER_KEY appears or changes in a request that
     #: did not call rotate_session_id() (session fixation defence by default).
     session_rotate_on_login: bool = True
     session_cookie_name: str = "session"
-    #: ``None`` means "safe default": ``True`` in staging/production, ``False`` elsewhere.
+    #: ``None`` means "safe default": ``True`` when deployed (staging, production, Cloud Run).
     session_cookie_secure: bool | None = None
     session_cookie_httponly: bool = True
     session_cookie_samesite: str | None = "Lax"
@@ -280,9 +298,10 @@ class Settings:
 
     @property
     def cookie_secure(self) -> bool:
-        """The effective ``Secure`` flag (an unset value is safe in staging and production)."""
+        """The effective ``Secure`` flag (an unset value is safe when deployed: Cloud Run serves
+        HTTPS only, whatever ENV says)."""
         if self.session_cookie_secure is None:
-            return self.environment in DEPLOYED_ENVIRONMENTS
+            return self.is_deployed
         return self.session_cookie_secure
 
     @property
@@ -304,8 +323,9 @@ class Settings:
         problems: list[str] = []
         backend = self.session_store_backend
         if backend not in BACKENDS:
+            # Never the value: it may be a secret pasted into the wrong variable.
             problems.append(
-                f"{Var.SESSION_STORE_BACKEND}={backend!r} is not a session store backend; "
+                f"{Var.SESSION_STORE_BACKEND} is not a session store backend; "
                 f"use one of: {', '.join(BACKENDS)}."
             )
         elif self.store is None or self.store.backend != backend:
@@ -356,9 +376,7 @@ class Settings:
         problems = list(self.parse_problems)
         if self.environment not in ENVIRONMENTS:
             known = "development (dev), local, test (testing), staging (stage), production (prod)"
-            problems.append(
-                f"{Var.ENV}={self.environment!r} is not a known environment; use one of: {known}."
-            )
+            problems.append(f"{Var.ENV} is not a known environment; use one of: {known}.")
         problems += self.validate_session_store_config()
         if not 0 <= self.proxy_hops <= 5:
             problems.append(f"{Var.TRUSTED_PROXY_HOPS} must be a whole number from 0 to 5.")
@@ -379,6 +397,12 @@ class Settings:
                 f"{Var.SECRET_KEY} is too short {self.where()}: it needs at least "
                 f"{MIN_SECRET_KEY_LENGTH} characters."
             ]
+        if is_weak_secret(self.secret_key):
+            return [
+                f"{Var.SECRET_KEY} is too weak {self.where()}: it repeats a short pattern or uses "
+                f"fewer than {MIN_SECRET_KEY_DISTINCT} different characters; generate one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(48))'."
+            ]
         return []
 
     def _cookie_problems(self) -> list[str]:
@@ -391,10 +415,8 @@ class Settings:
             )
         samesite = self.session_cookie_samesite
         if samesite is not None and samesite not in SAMESITE_VALUES:
-            problems.append(
-                f"{Var.SESSION_COOKIE_SAMESITE}={samesite!r} is not valid; use Lax, Strict or None."
-            )
-        if self.environment not in DEPLOYED_ENVIRONMENTS:
+            problems.append(f"{Var.SESSION_COOKIE_SAMESITE} is not valid; use Lax, Strict or None.")
+        if not self.is_deployed:
             return problems
         where = self.where()
         if self.session_cookie_secure is False:
@@ -411,6 +433,19 @@ class Settings:
             problems.append(f"{Var.SESSION_COOKIE_SAMESITE} must be Lax or Strict {where}.")
         return problems
 
+    def advice(self) -> list[str]:
+        """What works but deserves a look (logged at init, printed by ``check``); pure."""
+        if self.on_cloud_run and self.session_key_prefix == DEFAULT_KEY_PREFIX:
+            return [
+                f"{Var.SESSION_KEY_PREFIX} is the default {DEFAULT_KEY_PREFIX!r} on Cloud Run: "
+                "services that share a store and a prefix accept each other's session cookies "
+                "and end each other's sessions at 'log out everywhere'; give each service its "
+                f"own prefix (for example {Var.SESSION_KEY_PREFIX}=session:"
+                f"{self.cloud_run_service}:) before its first deploy (changing it later ends "
+                "the sessions stored under the old prefix)."
+            ]
+        return []
+
     # -- display (never a secret) ----------------------------------------------------------------
 
     def redacted(self) -> dict[str, Any]:
@@ -419,11 +454,14 @@ class Settings:
         def secret(value: str | bytes | None) -> str | None:
             return REDACTED if value else None
 
+        def choice(value: str | None, choices: tuple[str | None, ...]) -> str | None:
+            return value if value in choices else NOT_A_CHOICE
+
         values: dict[str, Any] = {
-            Var.ENV: self.environment,
+            Var.ENV: choice(self.environment, ENVIRONMENTS),
             Var.K_SERVICE: self.cloud_run_service,
             Var.GOOGLE_CLOUD_PROJECT: self.google_cloud_project,
-            Var.SESSION_STORE_BACKEND: self.session_store_backend,
+            Var.SESSION_STORE_BACKEND: choice(self.session_store_backend, BACKENDS),
             Var.SECRET_KEY: secret(self.secret_key),
             Var.SESSION_LIFETIME: int(self.session_lifetime.total_seconds()),
             Var.SESSION_ABSOLUTE_LIFETIME: int(self.session_absolute_lifetime.total_seconds()),
@@ -436,7 +474,9 @@ class Settings:
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,
-            Var.SESSION_COOKIE_SAMESITE: self.session_cookie_samesite,
+            Var.SESSION_COOKIE_SAMESITE: choice(
+                self.session_cookie_samesite, (*SAMESITE_VALUES, None)
+            ),
             Var.TRUSTED_PROXY_HOPS: self.proxy_hops,
             Var.WHATSAPP_ACCESS_TOKEN: secret(self.whatsapp_access_token),
         }

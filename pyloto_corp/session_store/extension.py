@@ -7,16 +7,21 @@ import importlib
 import logging
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from flask.sessions import SecureCookieSessionInterface
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..config.app_config import effective_settings
 from ..config.settings import Settings, Var
 from ..errors import ConfigurationError, SessionStoreUnavailable
 from .base import StoreInterface, answer_store_unavailable
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 logger = logging.getLogger("pyloto_corp.session_store")
 
@@ -64,6 +69,7 @@ class SessionStore:
             app.config, settings, os.environ if settings is None else {}
         )
         problems += settings.validate()
+        problems += _proxy_problems(app, settings)
         client = _client(app, client, problems)
         if problems:
             raise ConfigurationError(settings.environment, problems)
@@ -102,9 +108,81 @@ def _client(app: Flask, client: Any, problems: list[str]) -> Any:
     return configured
 
 
+class TrustedProxies(ProxyFix):
+    """The ``ProxyFix`` installed from ``TRUSTED_PROXY_HOPS``. It steps aside when another
+    ``ProxyFix`` already ran (one the host wrapped around ``app.wsgi_app`` after ``init_app``):
+    the host's counts decide, never both."""
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if "werkzeug.proxy_fix.orig" in environ:
+            return self.app(environ, start_response)
+        return super().__call__(environ, start_response)
+
+
+def _proxy_fixes(app: Flask) -> list[ProxyFix]:
+    """The ``ProxyFix`` layers around the app, outermost (first to run) first, found through the
+    ``.app`` attribute Werkzeug's middlewares keep."""
+    found: list[ProxyFix] = []
+    layer: object = app.wsgi_app
+    for _ in range(50):  # a chain of middlewares, never a cycle
+        if isinstance(layer, ProxyFix):
+            found.append(layer)
+        layer = getattr(layer, "app", None)
+        if layer is None:
+            break
+    return found
+
+
+def _host_proxy_fix(app: Flask) -> ProxyFix | None:
+    """The host app's own ``ProxyFix`` (the outermost one that is not ours), if any."""
+    return next((fix for fix in _proxy_fixes(app) if not isinstance(fix, TrustedProxies)), None)
+
+
+def _proxy_problems(app: Flask, settings: Settings) -> list[str]:
+    """TRUSTED_PROXY_HOPS set, and the host's own ProxyFix applying other counts: refused."""
+    own = _host_proxy_fix(app)
+    hops = settings.trusted_proxy_hops
+    if own is None or hops is None or own.x_for == own.x_proto == hops:
+        return []
+    return [
+        f"{Var.TRUSTED_PROXY_HOPS} is set and app.wsgi_app is already wrapped in a ProxyFix "
+        f"(x_for={own.x_for}, x_proto={own.x_proto}) that decides otherwise; configure proxies "
+        "in one place."
+    ]
+
+
+def effective_proxy_hops(app: Flask) -> int | str:
+    """The forwarding headers the app really trusts, for ``info``: the hop count when
+    X-Forwarded-For and -Proto are trusted alike (0: none), else the host's ProxyFix's counts."""
+    fixes = _proxy_fixes(app)
+    fix = _host_proxy_fix(app) or (fixes[0] if fixes else None)
+    if fix is None:
+        return 0
+    counts = {
+        "x_for": fix.x_for,
+        "x_proto": fix.x_proto,
+        "x_host": fix.x_host,
+        "x_port": fix.x_port,
+        "x_prefix": fix.x_prefix,
+    }
+    if fix.x_for == fix.x_proto and not (fix.x_host or fix.x_port or fix.x_prefix):
+        return fix.x_for
+    shown = ", ".join(f"{name}={count}" for name, count in counts.items() if count)
+    return f"{shown} (the app's own ProxyFix)"
+
+
 def _configure_flask(app: Flask, settings: Settings) -> None:
     """Fill in Flask's session keys from the effective settings (which already hold every value
-    the host app set: nothing the host configured changes)."""
+    the host app set: nothing the host configured changes), and trust the configured proxies."""
+    for advice in settings.advice():
+        logger.warning("%s", advice)
+    hops = settings.proxy_hops
+    if hops and _host_proxy_fix(app) is None:
+        # Cloud Run's front end terminates TLS: trust its X-Forwarded-For and -Proto so the app
+        # sees https and the client's address. Nowhere else by default: there the headers could
+        # be forged. Never X-Forwarded-Host: Cloud Run does not set it (Host is already the
+        # client's), so a client's own value would reach url_for(..., _external=True).
+        app.wsgi_app = TrustedProxies(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     if not app.config.get("SECRET_KEY"):
         secret_key = settings.secret_key
         if not secret_key:

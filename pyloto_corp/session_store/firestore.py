@@ -138,9 +138,8 @@ class Options(StoreOptions):
             )
         if not is_valid_collection_id(self.collection):
             problems.append(
-                f"{FIRESTORE_COLLECTION}={self.collection!r} is not a valid "
-                "Firestore collection id: 1 to 1,500 bytes, no '/', not '.' or '..', "
-                "and not of the form __name__."
+                f"{FIRESTORE_COLLECTION} is not a valid Firestore collection id: 1 to 1,500 "
+                "bytes, no '/', not '.' or '..', and not of the form __name__."
             )
         if not self.database:
             problems.append(
