@@ -107,7 +107,7 @@ _encoder: Final = msgspec.msgpack.Encoder()
 
 def dumps(data: Mapping[Any, Any]) -> bytes:
     """The session as a record; raises UnstorableValue, before anything is stored, for any value
-    that would not come back as the same type and value."""
+    that would come back neither as itself nor as what Flask's cookie session gives back."""
     converted: dict[str, Any] = {}
     for key, value in data.items():
         _check_key(key, ())
