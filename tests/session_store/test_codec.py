@@ -539,6 +539,15 @@ BAD_KEYS: dict[str, tuple[dict[Any, Any], str]] = {
     "nested bytes key": ({"p": {SECRET.encode(): 1}}, "session['p'] has a key of type bytes;"),
     "nested tuple key": ({"p": [{(SECRET,): 1}]}, "session['p'][0] has a key of type tuple;"),
     "str subclass key": ({Name(SECRET): 1}, "a session key is a Name (a str subclass);"),
+    "int key in a dict subclass": (
+        {"o": OrderedDict({1: SECRET})},
+        "session['o'] has key 1, an int; session keys (and keys of nested dicts) must be str.",
+    ),
+    "enum key in a dict subclass": (
+        {"o": OrderedDict({Level.HIGH: SECRET})},
+        "session['o'] has key <Level.HIGH: 3>, a Level enum member;",
+    ),
+    "str subclass key in a dict": ({"d": {Name(SECRET): 1}}, "session['d'] has a key of type Name"),
     "surrogate key": ({"ok": {"\udcff": 1}}, "a key of session['ok'] is a str with a lone"),
 }
 
