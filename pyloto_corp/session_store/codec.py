@@ -3,30 +3,43 @@
 The previous release stored ``msgpack(dict(session))``: a tuple came back as a list (so Flask's
 flashed ``(category, message)`` pairs changed type), a naive datetime as a string, a ``set`` as
 a list, an enum as its value, an int beyond 64 bits or a ``Markup`` (a flashed safe message) or
-a custom object failed inside the encoder. This format keeps what Flask's own cookie session
-(:class:`flask.json.tag.TaggedJSONSerializer`) keeps, and more exactly: datetimes keep their
-microseconds, their naivety and their UTC offset, and ints of any size survive.
+a custom object failed inside the encoder. This format keeps everything Flask's own cookie
+session (:class:`flask.json.tag.TaggedJSONSerializer` and its JSON provider) keeps, and more
+exactly where Flask is lossy: datetimes keep their microseconds, their naivety and their UTC
+offset, ints of any size survive, and a ``Decimal``, a ``date`` or a ``time`` comes back as
+itself (Flask gives a str, or refuses a time).
+
+What Flask turns into a base type becomes that base type here too, with its contents kept
+exactly: a dict subclass (``OrderedDict``, an OAuth ``OAuth2Token``) or a dataclass instance
+becomes a dict, a list subclass a list, a namedtuple a tuple, a str, int or float subclass
+(a ``StrEnum`` or ``IntEnum`` member: its value) the plain type; subclasses of ``bytes``,
+``UUID``, ``datetime``, ``date``, ``time`` and ``Decimal`` come back as the base type. No class
+name is ever stored, so reading never imports or builds an application class.
 
 Layout: :data:`MARKER` followed by one msgpack map. Types msgpack lacks are extension types
-(:data:`EXT_TUPLE` ... :data:`EXT_BIG_INT`); a tuple's items are packed recursively inside its
+(:data:`EXT_TUPLE` ... :data:`EXT_TIME`); a tuple's items are packed recursively inside its
 extension. Records without the marker are read as the previous release's plain msgpack, so
 sessions written before an upgrade keep working. Nothing here ever unpickles.
 
-What cannot round-trip exactly (a ``set``, an enum, an ``OrderedDict``, a ``date``, a non-str
-key, a custom object) is refused by :func:`dumps` with
-:class:`~pyloto_corp.errors.UnstorableValue`, naming the session key and the type, never the
-value: a silent change of type would only surface later, in another request.
+What Flask's cookie session refuses (a ``set``, a custom object, an enum that is not a str,
+int or float) is refused too, as is a non-str key (Flask would silently turn ``1`` into
+``"1"``): :func:`dumps` raises :class:`~pyloto_corp.errors.UnstorableValue`, naming the session
+key and the type, never the value.
 
-An aware datetime comes back with a fixed-offset :class:`datetime.timezone` (same instant, same
-UTC offset), not its original ``tzinfo``: a ``ZoneInfo`` name is not stored, so call
-``.astimezone(ZoneInfo(...))`` after reading when the zone's rules matter.
+An aware datetime or time comes back with a fixed-offset :class:`datetime.timezone` (same
+instant, same UTC offset), not its original ``tzinfo``: a ``ZoneInfo`` name is not stored, so
+call ``.astimezone(ZoneInfo(...))`` after reading when the zone's rules matter. A ``time`` whose
+tzinfo has no fixed offset (a ``ZoneInfo``) is refused: it would come back naive.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from enum import Enum
 from typing import Any, Final
 
@@ -50,19 +63,41 @@ EXT_MARKUP: Final = 2  # the text, UTF-8
 EXT_UUID: Final = 3  # msgpack bin of the 16 bytes
 EXT_DATETIME: Final = 4  # msgpack array: _DateTimeFields
 EXT_BIG_INT: Final = 5  # big-endian two's complement, for ints outside msgpack's 64 bits
+EXT_DECIMAL: Final = 6  # str(value), ASCII: Decimal(str(d)) keeps every digit and the exponent
+EXT_DATE: Final = 7  # msgpack array: year, month, day
+EXT_TIME: Final = 8  # msgpack array: _TimeFields
 
 _INT_MIN: Final = -(2**63)
 _UINT_MAX: Final = 2**64 - 1
 _MARKER_LEN: Final = len(MARKER)
 _SUPPORTED: Final = (
-    "str, int, float, bool, None, bytes, list, tuple, dict with str keys, Markup, UUID, datetime"
+    "str, int, float, bool, None, bytes, list, tuple, dict with str keys, Markup, UUID, datetime,"
+    " date, time, Decimal, dataclass instances"
 )
-_SUBCLASSABLE: Final = (str, int, float, bytes, list, dict, tuple, datetime, uuid.UUID)
+#: Base types named in a refusal of a subclass ("a Name (a str subclass)"), for keys (which must
+#: be exactly str) and for the values still refused (a set subclass); datetime before date.
+_SUBCLASSABLE: Final = (
+    str,
+    int,
+    float,
+    bytes,
+    list,
+    dict,
+    tuple,
+    set,
+    frozenset,
+    bytearray,
+    datetime,
+    date,
+    uuid.UUID,
+)
 _KEY_RULE: Final = "session keys (and keys of nested dicts) must be str."
 
 _Path = tuple[str | int, ...]
 # (year, month, day, hour, minute, second, microsecond, fold, UTC offset in µs or None if naive)
 _DateTimeFields = tuple[int, int, int, int, int, int, int, int, int | None]
+# (hour, minute, second, microsecond, fold, UTC offset in µs or None if naive)
+_TimeFields = tuple[int, int, int, int, int, int | None]
 
 _encoder: Final = msgspec.msgpack.Encoder()
 
@@ -72,7 +107,7 @@ _encoder: Final = msgspec.msgpack.Encoder()
 
 def dumps(data: Mapping[Any, Any]) -> bytes:
     """The session as a record; raises UnstorableValue, before anything is stored, for any value
-    that would not come back as the same type and value."""
+    that would come back neither as itself nor as what Flask's cookie session gives back."""
     converted: dict[str, Any] = {}
     for key, value in data.items():
         _check_key(key, ())
@@ -90,8 +125,9 @@ def pack_value(key: str, value: Any) -> bytes:
 def _convert(value: Any, path: _Path) -> Any:
     """``value`` as something msgpack encodes exactly: extension types for what it lacks.
 
-    Types are checked with ``is``: a subclass (an enum, an OrderedDict) would be encoded as its
-    base type by msgpack and come back different, so it is refused instead.
+    Exact types are checked first, with ``is``: a subclass (an enum, an OrderedDict) would be
+    encoded by msgpack as something that does not come back as itself, so :func:`_convert_other`
+    first turns it into its base type, as Flask does.
     """
     if len(path) > MAX_DEPTH:
         raise UnstorableValue(
@@ -113,27 +149,117 @@ def _convert(value: Any, path: _Path) -> Any:
     if kind is list:
         return [_convert(item, (*path, index)) for index, item in enumerate(value)]
     if kind is dict:
-        converted: dict[str, Any] = {}
-        for key, item in value.items():
-            _check_key(key, path)
-            converted[key] = _convert(item, (*path, key))
-        return converted
+        return _convert_dict(value, path)
     if kind is tuple:
-        items = [_convert(item, (*path, index)) for index, item in enumerate(value)]
-        return msgspec.msgpack.Ext(EXT_TUPLE, _encoder.encode(items))
+        return _tuple_ext(value, path)
     if kind is uuid.UUID:  # as msgpack bin: msgspec rebuilds a UUID from it in C
         return msgspec.msgpack.Ext(EXT_UUID, _encoder.encode(value.bytes))
     if kind is datetime:
         return msgspec.msgpack.Ext(EXT_DATETIME, _encoder.encode(_datetime_fields(value)))
     if kind is Markup:
         return _markup_ext(str(value), path)
+    if kind is date:
+        return _date_ext(value)
+    if kind is Decimal:
+        return _decimal_ext(value)
+    if kind is time:
+        return _time_ext(value, path)
+    return _convert_other(value, kind, path)
+
+
+def _convert_other(value: Any, kind: type, path: _Path) -> Any:
+    """A value of no exact supported type, stored as what Flask's cookie session reads back,
+    checked in Flask's order (its tags, then its JSON encoder, then its JSON provider), or
+    exactly where Flask is lossy. Never a class name: the base type comes back."""
+    if isinstance(value, dict):  # OrderedDict, defaultdict, OAuth2Token: a dict, as in Flask
+        return _convert_dict(value, path)
+    if isinstance(value, tuple):  # a namedtuple: a tuple
+        return _tuple_ext(value, path)
+    if isinstance(value, list):
+        return [_convert(item, (*path, index)) for index, item in enumerate(value)]
+    if isinstance(value, bytes):
+        return bytes.__bytes__(value)
     html = getattr(value, "__html__", None)
     if callable(html):  # as Flask's TagMarkup: anything that renders itself as HTML
         return _markup_ext(str(html()), path)
+    if isinstance(value, uuid.UUID):
+        return _convert(uuid.UUID(int=value.int), path)
+    if isinstance(value, datetime):
+        return msgspec.msgpack.Ext(EXT_DATETIME, _encoder.encode(_datetime_fields(value)))
+    # What Flask's JSON encoder writes as its base type: a StrEnum or IntEnum member's value.
+    if isinstance(value, str):
+        return _convert(str.__str__(value), path)
+    if isinstance(value, int):
+        return _convert(int.__int__(value), path)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, date):
+        return _date_ext(value)
+    if isinstance(value, Decimal):
+        return _decimal_ext(value)
+    if isinstance(value, time):
+        return _time_ext(value, path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _convert_dict(_dataclass_fields(value, kind, path), path)
     raise UnstorableValue(
         f"{_format_path(path)} is {_describe(kind)}, which the session cannot store exactly;"
         f" {_advice(value)} (supported: {_SUPPORTED})."
     )
+
+
+def _convert_dict(value: Mapping[Any, Any], path: _Path) -> dict[str, Any]:
+    converted: dict[str, Any] = {}
+    for key, item in value.items():
+        _check_key(key, path)
+        converted[key] = _convert(item, (*path, key))
+    return converted
+
+
+def _tuple_ext(value: tuple[Any, ...], path: _Path) -> msgspec.msgpack.Ext:
+    items = [_convert(item, (*path, index)) for index, item in enumerate(value)]
+    return msgspec.msgpack.Ext(EXT_TUPLE, _encoder.encode(items))
+
+
+def _date_ext(value: date) -> msgspec.msgpack.Ext:
+    return msgspec.msgpack.Ext(EXT_DATE, _encoder.encode((value.year, value.month, value.day)))
+
+
+def _decimal_ext(value: Decimal) -> msgspec.msgpack.Ext:
+    # Decimal.__str__, not str(): a subclass may render itself differently.
+    return msgspec.msgpack.Ext(EXT_DECIMAL, Decimal.__str__(value).encode("ascii"))
+
+
+def _time_ext(value: time, path: _Path) -> msgspec.msgpack.Ext:
+    """Fields plus the UTC offset, as for a datetime; a tzinfo without a fixed offset (a
+    ``ZoneInfo``: a time has no date to resolve it) would come back naive, so it is refused."""
+    offset = value.utcoffset()
+    if offset is None and value.tzinfo is not None:
+        raise UnstorableValue(
+            f"{_format_path(path)} is a time whose tzinfo has no fixed UTC offset (such as a"
+            " ZoneInfo), which the session cannot store exactly; store a datetime, or a time"
+            " with a datetime.timezone."
+        )
+    fields: _TimeFields = (
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        value.fold,
+        None if offset is None else offset // timedelta(microseconds=1),
+    )
+    return msgspec.msgpack.Ext(EXT_TIME, _encoder.encode(fields))
+
+
+def _dataclass_fields(value: Any, kind: type, path: _Path) -> dict[str, Any]:
+    """A dataclass instance's fields by name, as :func:`dataclasses.asdict` (Flask's choice)
+    gives them but without copying: the values themselves are converted as any other."""
+    try:
+        return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    except AttributeError:  # a field(init=False) never assigned
+        raise UnstorableValue(
+            f"{_format_path(path)} is {_describe(kind)} (a dataclass) with a field that has no"
+            " value, which the session cannot store; assign every field."
+        ) from None
 
 
 def _datetime_fields(value: datetime) -> _DateTimeFields:
@@ -225,21 +351,9 @@ def _advice(value: Any) -> str:
     if isinstance(value, bytearray | memoryview):
         return "store bytes"
     if isinstance(value, Mapping):
-        return "store a plain dict"
-    if isinstance(value, list):
-        return "store a plain list"
-    if isinstance(value, tuple):
-        return "store a plain tuple"
-    if isinstance(value, datetime):
-        return "store a plain datetime"
-    if isinstance(value, date):
-        return "store a datetime, or its isoformat() str"
-    from decimal import Decimal  # only on this error path: the module costs ~1 ms to import
-
-    if isinstance(value, time | timedelta | Decimal):
-        return "store its str() and parse it when reading"
-    if isinstance(value, str | int | float | bytes):
-        return f"store a plain {type(value).__mro__[-2].__name__}"
+        return "store a dict"
+    if isinstance(value, timedelta):
+        return "store its total_seconds()"
     return "convert it to one of the supported types"
 
 
@@ -288,6 +402,19 @@ def _ext_hook(code: int, data: memoryview) -> Any:
         return datetime(year, month, day, hour, minute, second, micro, tz, fold=fold)
     if code == EXT_BIG_INT:
         return int.from_bytes(data, "big", signed=True)
+    if code == EXT_DECIMAL:
+        text = str(data, "ascii")
+        # Checked first: under a decimal context that does not trap InvalidOperation, Decimal()
+        # would read garbage as NaN instead of raising.
+        if _DECIMAL_TEXT.fullmatch(text) is None:
+            raise ValueError("not a decimal")
+        return Decimal(text)
+    if code == EXT_DATE:
+        return date(*_date_decoder.decode(data))
+    if code == EXT_TIME:
+        hour, minute, second, micro, fold, offset = _time_decoder.decode(data)
+        tz = None if offset is None else _fixed_offset(offset)
+        return time(hour, minute, second, micro, tz, fold=fold)
     raise ValueError(f"unknown extension type {code}")
 
 
@@ -313,6 +440,12 @@ _session_decoder: Final = msgspec.msgpack.Decoder(dict[str, Any], ext_hook=_ext_
 _value_decoder: Final = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 _items_decoder: Final = msgspec.msgpack.Decoder(list[Any], ext_hook=_ext_hook)
 _datetime_decoder: Final = msgspec.msgpack.Decoder(_DateTimeFields)
+_date_decoder: Final = msgspec.msgpack.Decoder(tuple[int, int, int])
+_time_decoder: Final = msgspec.msgpack.Decoder(_TimeFields)
+#: What str(Decimal) writes (either exponent case: the context's ``capitals`` decides).
+_DECIMAL_TEXT: Final = re.compile(
+    r"-?(?:\d+(?:\.\d+)?(?:[Ee][-+]\d+)?|Infinity|s?NaN\d*)", re.ASCII
+)
 _uuid_decoder: Final = msgspec.msgpack.Decoder(uuid.UUID)
 _timezones: Final[dict[int, timezone]] = {0: UTC}
 _MAX_CACHED_TIMEZONES: Final = 256
