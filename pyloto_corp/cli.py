@@ -2,13 +2,14 @@
 
 The group is registered through the ``flask.commands`` entry point, not on an app: when the
 configuration is bad, building the app raises and Flask would drop every command defined on it,
-exactly when ``check`` is needed. ``check`` never builds an app; ``info``, ``ping`` and
-``cleanup`` use the store registered on the app Flask loads (``--app``/``FLASK_APP``), with its
-own settings and client, and the environment alone under ``python -m pyloto_corp``.
+exactly when ``check`` is needed. Every command uses the store registered on the app Flask loads
+(``--app``/``FLASK_APP``), with its own settings and client (an app whose configuration is bad
+reports its problems), and the environment alone under ``python -m pyloto_corp``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from flask.cli import NoAppException, ScriptInfo
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
 from .session_store import SessionStore, revoke_user_sessions, user_sessions
+from .session_store.base import CLIENT_GIVEN
 from .session_store.extension import EXTENSION_KEY, StoreState, effective_proxy_hops
 
 
@@ -30,23 +32,30 @@ def _settings(environment: str | None = None) -> Settings:
     return Settings.from_env(environ)
 
 
+def _loaded_app() -> Flask | None:
+    """The app Flask loads (``--app``/``FLASK_APP``) with its SessionStore, or None when there
+    is no app to load (``python -m pyloto_corp``)."""
+    info = click.get_current_context().find_object(ScriptInfo)
+    if info is None:
+        return None
+    try:
+        app = info.load_app()
+    except NoAppException:
+        return None
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    if EXTENSION_KEY not in app.extensions:
+        raise click.ClickException(
+            f"The app {app.name!r} has no SessionStore registered; call SessionStore(app)."
+        )
+    return app
+
+
 def _app() -> Flask:
     """The app Flask loads, with its SessionStore; without one (``python -m pyloto_corp``, or
     no app to find), the environment's configuration on a bare app."""
-    info = click.get_current_context().find_object(ScriptInfo)
-    app: Flask | None = None
-    if info is not None:
-        try:
-            app = info.load_app()
-        except NoAppException:
-            app = None
-        except ConfigurationError as exc:
-            raise click.ClickException(str(exc)) from None
+    app = _loaded_app()
     if app is not None:
-        if EXTENSION_KEY not in app.extensions:
-            raise click.ClickException(
-                f"The app {app.name!r} has no SessionStore registered; call SessionStore(app)."
-            )
         return app
     app = Flask("pyloto_corp.cli")
     try:
@@ -68,16 +77,28 @@ def session_store_cli() -> None:
 @session_store_cli.command()
 @click.option("--env", "environment", help="Validate for this environment instead of $ENV.")
 def check(environment: str | None) -> None:
-    """Validate the configuration without connecting to anything; exit 1 on any problem."""
-    settings = _settings(environment)
+    """Validate the configuration without connecting to anything; exit 1 on any problem.
+
+    The app Flask loads is validated with what it configured in code (its own client, as
+    Flask-Session's SESSION_REDIS); without one, the environment alone.
+    """
+    app = _loaded_app()
+    if app is None:
+        settings = _settings(environment)
+    else:
+        settings = SessionStore.state(app).settings
+        if environment is not None:
+            settings = dataclasses.replace(settings, environment=environment)
     problems = settings.validate()
     if problems:
         raise click.ClickException(str(ConfigurationError(settings.environment, problems)))
     for advice in settings.advice():
         click.echo(f"Warning: {advice}", err=True)
+    store = settings.session_store_backend
+    if getattr(settings.store, "client_given", False):
+        store += f", {CLIENT_GIVEN}"
     click.echo(
-        f"Configuration is valid for environment '{settings.environment}' "
-        f"(session store: {settings.session_store_backend})."
+        f"Configuration is valid for environment '{settings.environment}' (session store: {store})."
     )
 
 

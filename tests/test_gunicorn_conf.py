@@ -95,6 +95,7 @@ def test_production_logs_json_with_trace_and_answers_503_when_redis_stops(
             ENV="production",
             SESSION_STORE_BACKEND="redis",
             REDIS_URL=redis.url,
+            REDIS_ALLOW_PLAINTEXT_AUTH="true",  # a loopback server with a password
             SECRET_KEY=SECRET,
             GOOGLE_CLOUD_PROJECT="demo-proj",
         )

@@ -142,6 +142,7 @@ def _hung_env(server: RedisServer) -> dict[str, str]:
         "REDIS_URL": server.url,
         "SECRET_KEY": SECRET,
         "REDIS_SOCKET_TIMEOUT": str(TIMEOUT),
+        "REDIS_ALLOW_PLAINTEXT_AUTH": "true",  # loopback, some with a password
     }
 
 

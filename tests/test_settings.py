@@ -17,7 +17,7 @@ from tests.conftest import SECRET
 
 VALID_CONTEXT = {
     Var.SECRET_KEY: SECRET,
-    "REDIS_URL": "redis://:hunter2-password@10.0.0.3:6379/0",
+    "REDIS_URL": "rediss://:hunter2-password@10.0.0.3:6378/0",
     "FIRESTORE_PROJECT": "demo-project",
 }
 
@@ -417,7 +417,7 @@ def test_repr_and_redacted_view_hide_secrets() -> None:
     text = repr(settings) + str(settings) + repr(settings.redacted())
     for secret in (SECRET, "hunter2-password", "EAAG-token-value-123"):
         assert secret not in text
-    assert "redis://***@10.0.0.3:6379/0" in text
+    assert "rediss://***@10.0.0.3:6378/0" in text
     assert settings.redacted()[Var.SECRET_KEY] == "***"
 
 

@@ -47,6 +47,8 @@ T = TypeVar("T")
 RETRY_AFTER_SECONDS = 5
 #: Session key holding the creation time (epoch seconds), for the absolute timeout.
 CREATED_AT = "_created_at"
+#: What ``check`` and ``info`` show instead of a URL or project when the app passes its client.
+CLIENT_GIVEN = "client given by the app"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
 INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT})
 #: How long the marker a login or a logout leaves where a session was (see :class:`Retired`)
@@ -82,6 +84,11 @@ class StoreOptions(ABC):
     @abstractmethod
     def redacted(self, settings: Settings) -> dict[str, Any]:
         """The effective options keyed by variable name, secrets shown as ``***``."""
+
+    def with_client(self) -> StoreOptions:
+        """These options for an app that passes its own client (``client=``, ``SESSION_REDIS``):
+        a backend whose settings only build a client then neither requires nor uses them."""
+        return self
 
 
 @dataclass(frozen=True)

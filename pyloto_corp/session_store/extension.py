@@ -3,6 +3,7 @@ chosen backend's interface."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -54,7 +55,8 @@ class SessionStore:
 
     def init_app(self, app: Flask, settings: Settings | None = None, *, client: Any = None) -> None:
         """Register on ``app``; ``client`` (or Flask-Session's ``SESSION_REDIS``) is the store
-        client to use as given, instead of one built from the settings."""
+        client to use as given, instead of one built from the settings (which then need no
+        REDIS_URL, or no FIRESTORE_PROJECT)."""
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 "SessionStore is already registered on this app; call init_app once per app."
@@ -68,9 +70,12 @@ class SessionStore:
         settings, problems = effective_settings(
             app.config, settings, os.environ if settings is None else {}
         )
+        client = _client(app, client, problems)
+        if client is not None and settings.store is not None:
+            # The app's own client: what only builds a client (a URL, a project) is not needed.
+            settings = dataclasses.replace(settings, store=settings.store.with_client())
         problems += settings.validate()
         problems += _proxy_problems(app, settings)
-        client = _client(app, client, problems)
         if problems:
             raise ConfigurationError(settings.environment, problems)
 

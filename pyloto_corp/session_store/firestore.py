@@ -27,6 +27,7 @@ blob: a document with ``fields`` is read from ``fields``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
 from ..errors import SessionStoreUnavailable, UnstorableValue
 from . import codec
 from .base import (
+    CLIENT_GIVEN,
     CREATED_AT,
     Changes,
     Record,
@@ -112,6 +114,8 @@ class Options(StoreOptions):
     #: How stale the stored expiry may get before a read-only request rewrites it (None: a tenth
     #: of the lifetime). Keeps Firestore at about one write per session per interval.
     refresh_interval: timedelta | None = None
+    #: The app passes its own ``firestore.Client``: the project and database are its own.
+    client_given: bool = False
 
     @classmethod
     def from_env(cls, env: Env) -> Options:
@@ -125,12 +129,16 @@ class Options(StoreOptions):
         }
         return cls(**{name: value for name, value in values.items() if value is not None})
 
+    def with_client(self) -> Options:
+        return dataclasses.replace(self, client_given=True)
+
     def effective_refresh_interval(self, lifetime: timedelta) -> timedelta:
         return lifetime / 10 if self.refresh_interval is None else self.refresh_interval
 
     def problems(self, settings: Settings) -> list[str]:
         problems: list[str] = []
-        if not self.project and settings.environment in DEPLOYED_ENVIRONMENTS:
+        deployed = settings.environment in DEPLOYED_ENVIRONMENTS
+        if not self.project and deployed and not self.client_given:
             problems.append(
                 f"{FIRESTORE_PROJECT} (or {Var.GOOGLE_CLOUD_PROJECT}) is required "
                 f"{settings.where()} when SESSION_STORE_BACKEND=firestore; "
@@ -141,7 +149,7 @@ class Options(StoreOptions):
                 f"{FIRESTORE_COLLECTION} is not a valid Firestore collection id: 1 to 1,500 "
                 "bytes, no '/', not '.' or '..', and not of the form __name__."
             )
-        if not self.database:
+        if not self.database and not self.client_given:
             problems.append(
                 f"{FIRESTORE_DATABASE} must not be empty; use (default) for the default database."
             )
@@ -166,8 +174,8 @@ class Options(StoreOptions):
     def redacted(self, settings: Settings) -> dict[str, Any]:
         interval = self.effective_refresh_interval(settings.session_lifetime)
         return {
-            FIRESTORE_PROJECT: self.project,
-            FIRESTORE_DATABASE: self.database,
+            FIRESTORE_PROJECT: CLIENT_GIVEN if self.client_given else self.project,
+            FIRESTORE_DATABASE: CLIENT_GIVEN if self.client_given else self.database,
             FIRESTORE_COLLECTION: self.collection,
             FIRESTORE_TIMEOUT: self.timeout,
             FIRESTORE_REFRESH_INTERVAL: int(interval.total_seconds()),
@@ -470,17 +478,22 @@ def create_interface(
             f"client={type(client).__name__} cannot back the firestore session store; pass a "
             "google.cloud.firestore.Client, or no client to connect with FIRESTORE_PROJECT."
         )
+    database = options.database
+    if client is not None:
+        given = client
+        # The client's own database, for the log lines that name it.
+        database = str(getattr(client, "_database", None) or database)
 
     def factory() -> firestore.Client:
         if client is not None:
-            return client
+            return given
         # FIRESTORE_EMULATOR_HOST, when set, is honoured by the client library itself.
         return firestore.Client(project=options.project, database=options.database)
 
     return FirestoreSessionInterface(
         app,
         factory,
-        database=options.database,
+        database=database,
         collection=options.collection,
         timeout=options.timeout,
         refresh_interval=options.effective_refresh_interval(settings.session_lifetime),

@@ -20,7 +20,9 @@ Only a dropped connection is retried, once, after a short backoff.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import socket
 import ssl
 import struct
 import threading
@@ -35,15 +37,17 @@ import redis
 from flask import Flask
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection
 from redis.credentials import CredentialProvider
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreUnavailable
 from . import codec
 from .base import (
+    CLIENT_GIVEN,
     RETIRED_LINGER,
     Changes,
     Record,
@@ -64,6 +68,7 @@ REDIS_CONNECT_TIMEOUT = "REDIS_CONNECT_TIMEOUT"
 REDIS_SSL_CA_CERTS = "REDIS_SSL_CA_CERTS"
 REDIS_SSL_CHECK_HOSTNAME = "REDIS_SSL_CHECK_HOSTNAME"
 REDIS_IAM_AUTH = "REDIS_IAM_AUTH"
+REDIS_ALLOW_PLAINTEXT_AUTH = "REDIS_ALLOW_PLAINTEXT_AUTH"
 
 #: A dropped connection is retried once (after ~50 ms); a timeout is not retried at all.
 RETRIES = 1
@@ -169,18 +174,25 @@ class Options(StoreOptions):
         REDIS_SSL_CA_CERTS,
         REDIS_SSL_CHECK_HOSTNAME,
         REDIS_IAM_AUTH,
+        REDIS_ALLOW_PLAINTEXT_AUTH,
     )
 
     url: str | None = None
     #: The longest one command may wait for the server (and so a request, before its 503).
     socket_timeout: float = 2.0
     connect_timeout: float = 2.0
-    #: The CA certificate for ``rediss://`` (Memorystore's server CA).
+    #: The only CA trusted for ``rediss://`` (Memorystore's server CA): not added to the
+    #: system's CAs, which would let any publicly trusted certificate through.
     ssl_ca_certs: str | None = None
-    #: False for Memorystore, whose certificate names an IP (the CA is still verified).
+    #: False for Memorystore, whose certificate names an IP (only with ``ssl_ca_certs``).
     ssl_check_hostname: bool = True
     #: AUTH with a Google access token (Memorystore IAM authentication) instead of a password.
     iam_auth: bool = False
+    #: A deployed app may send a password or token over plaintext ``redis://`` only when this
+    #: says so (a private network path the operator vouches for).
+    allow_plaintext_auth: bool = False
+    #: The app passes its own client (``client=``, ``SESSION_REDIS``): nothing here builds one.
+    client_given: bool = False
 
     @classmethod
     def from_env(cls, env: Env) -> Options:
@@ -191,23 +203,28 @@ class Options(StoreOptions):
             "ssl_ca_certs": env.str(REDIS_SSL_CA_CERTS, None) or None,
             "ssl_check_hostname": env.bool(REDIS_SSL_CHECK_HOSTNAME, None),
             "iam_auth": env.bool(REDIS_IAM_AUTH, None),
+            "allow_plaintext_auth": env.bool(REDIS_ALLOW_PLAINTEXT_AUTH, None),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})
 
+    def with_client(self) -> Options:
+        return dataclasses.replace(self, client_given=True)
+
     def problems(self, settings: Settings) -> list[str]:
+        if self.client_given:
+            # The URL, TLS and timeout settings only build a client; the app's is used as is.
+            return []
         problems: list[str] = []
         if not self.url:
             problems.append(
                 f"{REDIS_URL} is required when SESSION_STORE_BACKEND=redis; "
-                "set it to redis://[:password@]host:port/db (or rediss:// for TLS)."
+                "set it to redis://[:password@]host:port/db (or rediss:// for TLS), or pass "
+                "the app's own client (SessionStore(app, client=...) or SESSION_REDIS)."
             )
         else:
             problems += url_problems(self.url)
-            if self.iam_auth and not problems and parse_url(self.url).password is not None:
-                problems.append(
-                    f"{REDIS_URL} carries a password and {REDIS_IAM_AUTH}=true: with IAM "
-                    "authentication the password is an access token; remove it from the URL."
-                )
+            if not problems:
+                problems += self._transport_problems(parse_url(self.url), settings)
         for var, value in (
             (REDIS_SOCKET_TIMEOUT, self.socket_timeout),
             (REDIS_CONNECT_TIMEOUT, self.connect_timeout),
@@ -216,10 +233,51 @@ class Options(StoreOptions):
                 problems.append(f"{var} must be a number of seconds above 0 and at most 60.")
         return problems
 
+    def _transport_problems(self, target: Target, settings: Settings) -> list[str]:
+        """TLS that verifies what it says, and no secret over plaintext where users are served."""
+        problems: list[str] = []
+        if self.iam_auth and target.password is not None:
+            problems.append(
+                f"{REDIS_URL} carries a password and {REDIS_IAM_AUTH}=true: with IAM "
+                "authentication the password is an access token; remove it from the URL."
+            )
+        if not target.tls and self.ssl_ca_certs:
+            problems.append(
+                f"{REDIS_SSL_CA_CERTS} is set but {REDIS_URL} is plaintext ({target.scheme}://): "
+                f"nothing would be encrypted; use {target.scheme.replace('redis', 'rediss', 1)}://."
+            )
+        if not self.ssl_check_hostname and not self.ssl_ca_certs:
+            problems.append(
+                f"{REDIS_SSL_CHECK_HOSTNAME}=false needs {REDIS_SSL_CA_CERTS}: without the name "
+                "check only a CA of your own keeps another server's certificate out; set "
+                f"{REDIS_SSL_CA_CERTS} to the server's CA file (Memorystore: the instance's CA), "
+                f"or remove {REDIS_SSL_CHECK_HOSTNAME}."
+            )
+        sends_secret = target.password is not None or self.iam_auth
+        if (
+            settings.is_deployed
+            and not target.tls
+            and sends_secret
+            and not self.allow_plaintext_auth
+        ):
+            secret = f"{REDIS_IAM_AUTH}=true" if self.iam_auth else "a password"
+            what = "access token" if self.iam_auth else "password"
+            problems.append(
+                f"{REDIS_URL} is plaintext ({target.scheme}://) with {secret} "
+                f"{settings.where()}: the {what} and every session would cross the network "
+                f"unencrypted; use {target.scheme.replace('redis', 'rediss', 1)}:// with "
+                f"{REDIS_SSL_CA_CERTS}, or set {REDIS_ALLOW_PLAINTEXT_AUTH}=true if the "
+                "network path is private."
+            )
+        return problems
+
     def __repr__(self) -> str:  # never the URL's password
-        return f"redis.Options(url={redact_url(self.url)!r}, iam_auth={self.iam_auth})"
+        url = CLIENT_GIVEN if self.client_given else redact_url(self.url)
+        return f"redis.Options(url={url!r}, iam_auth={self.iam_auth})"
 
     def redacted(self, settings: Settings) -> dict[str, Any]:
+        if self.client_given:
+            return {REDIS_URL: CLIENT_GIVEN}
         return {
             REDIS_URL: redact_url(self.url),
             REDIS_SOCKET_TIMEOUT: self.socket_timeout,
@@ -227,6 +285,7 @@ class Options(StoreOptions):
             REDIS_SSL_CA_CERTS: self.ssl_ca_certs,
             REDIS_SSL_CHECK_HOSTNAME: self.ssl_check_hostname,
             REDIS_IAM_AUTH: self.iam_auth,
+            REDIS_ALLOW_PLAINTEXT_AUTH: self.allow_plaintext_auth,
         }
 
 
@@ -254,6 +313,8 @@ class Target:
     mode: str
     tls: bool
     hosts: tuple[tuple[str, int], ...]
+    #: As written in REDIS_URL, lowercased (``redis+cluster``).
+    scheme: str = "redis"
     username: str | None = None
     password: str | None = None
     db: int = 0
@@ -306,6 +367,7 @@ def parse_url(url: str) -> Target:
         mode,
         tls,
         hosts,
+        scheme=scheme.lower(),
         username=unquote(username) or None,
         password=unquote(password) if colon else None,
         db=db,
@@ -634,7 +696,7 @@ def describe_error(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, IamTokenUnavailable):
+        if isinstance(cause, IamTokenUnavailable | CaFileUnreadable):
             return f"{type(exc).__name__} ({cause})"
         if isinstance(cause, ssl.SSLCertVerificationError):
             detail = cause.verify_message or "certificate verify failed"
@@ -660,6 +722,8 @@ def create_client(options: Options) -> Client:
     Standalone: ``redis.Redis``. Cluster: ``RedisCluster`` from the seed nodes (it follows
     MOVED/ASK and a failover's new primaries). Sentinel: the primary of the service, found through
     the sentinels again on every new connection, so a failover is followed without a restart.
+    With ``REDIS_SSL_CA_CERTS`` every TLS connection (to nodes and sentinels alike) trusts that
+    CA alone: see :class:`PinnedSSLConnection`.
     """
     assert options.url is not None  # guaranteed by Options.problems()
     target = parse_url(options.url)
@@ -672,6 +736,7 @@ def create_client(options: Options) -> Client:
         common["credential_provider"] = IamCredentialProvider(google_access_token)
     else:
         common.update(username=target.username, password=target.password)
+    pinned = target.tls and options.ssl_ca_certs is not None
     if target.tls:
         # Memorystore's certificate names an IP: verify against its CA, optionally skip the name.
         common.update(
@@ -682,22 +747,90 @@ def create_client(options: Options) -> Client:
     # Only a dropped connection is retried, once, after ~50 ms: a hung server is not asked twice.
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), RETRIES, (redis.ConnectionError,))
     if target.mode == "cluster":
-        nodes = [ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
         # The cluster client's own retries re-read the slot map between attempts (a failover).
         cluster_retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), CLUSTER_RETRIES)
+        if pinned:
+            return _pinned_cluster(target, cluster_retry, common)
+        nodes = [ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
         return SessionCluster(startup_nodes=nodes, retry=cluster_retry, **common)
     if target.mode == "sentinel":
         assert target.service is not None
         sentinel_options = {k: v for k, v in common.items() if not k.startswith(("user", "pass"))}
         sentinel_options.pop("credential_provider", None)
         sentinel = Sentinel(list(target.hosts), sentinel_kwargs=sentinel_options, **common)  # type: ignore[no-untyped-call]
+        if pinned:
+            for sentinel_client in sentinel.sentinels:
+                _pin(sentinel_client)
         primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, db=target.db, retry=retry, health_check_interval=0
+            target.service,
+            db=target.db,
+            retry=retry,
+            health_check_interval=0,
+            **({"connection_class": PinnedSentinelSSLConnection} if pinned else {}),
         )
         return primary
     host, port = target.hosts[0]
-    return redis.Redis(
+    client = redis.Redis(
         host=host, port=port, db=target.db, retry=retry, health_check_interval=0, **common
+    )
+    if pinned:
+        _pin(client)
+    return client
+
+
+class CaFileUnreadable(OSError):
+    """REDIS_SSL_CA_CERTS could not be loaded (missing, unreadable, not PEM); never a 'TLS
+    handshake failed' that sends the operator to look at the server."""
+
+
+class PinnedSSLConnection(SSLConnection):
+    """An SSLConnection that trusts REDIS_SSL_CA_CERTS alone.
+
+    redis-py builds its context with ``ssl.create_default_context()`` (the system's CAs) and
+    only adds the file: with the hostname check off (Memorystore), a certificate from any
+    publicly trusted CA, for any name, would pass and receive the AUTH password. This context
+    starts empty; the server must prove a certificate from that CA before anything is sent.
+    """
+
+    def _wrap_socket_with_ssl(self, sock: socket.socket) -> ssl.SSLSocket:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies; holds no CA yet
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = bool(self.check_hostname)
+        try:
+            context.load_verify_locations(cafile=self.ca_certs)
+        except (OSError, ValueError) as exc:  # ssl.SSLError (not PEM) is an OSError too
+            raise CaFileUnreadable(
+                f"{REDIS_SSL_CA_CERTS} cannot be loaded ({type(exc).__name__}); point it at the "
+                "server CA's PEM file"
+            ) from None
+        return context.wrap_socket(sock, server_hostname=self.host)
+
+
+class PinnedSentinelSSLConnection(SentinelManagedConnection, PinnedSSLConnection):
+    """The primary of a Sentinel service, over TLS pinned to REDIS_SSL_CA_CERTS."""
+
+
+def _pin(client: redis.Redis) -> None:
+    """Make ``client``'s pool (which has opened nothing yet) open pinned connections:
+    ``redis.Redis`` takes no connection class, and its pool keeps every other setting."""
+    assert client.connection_pool.connection_class is SSLConnection
+    client.connection_pool.connection_class = PinnedSSLConnection
+
+
+def _pinned_cluster(target: Target, retry: Retry, common: dict[str, Any]) -> SessionCluster:
+    """A cluster whose node connections are pinned. RedisCluster hands a connection class to
+    its nodes' pools only when built from a URL (``from_url``): the first seed goes in a
+    ``redis://`` URL (which sets no connection class of its own), the others stay seeds."""
+    (host, port), *others = target.hosts
+    location = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    kwargs = {k: v for k, v in common.items() if k != "ssl"}
+    nodes = [ClusterNode(h, p) for h, p in others]  # type: ignore[no-untyped-call]
+    return SessionCluster(
+        url=f"redis://{location}",
+        startup_nodes=nodes,
+        retry=retry,
+        connection_class=PinnedSSLConnection,
+        **kwargs,
     )
 
 
@@ -796,6 +929,8 @@ def create_interface(
     options = settings.store
     assert isinstance(options, Options)
     if client is None:
+        if options.client_given:
+            raise TypeError("redis.Options(client_given=True) needs the client: pass client=.")
         return RedisSessionInterface(
             app,
             lambda: create_client(options),
@@ -806,7 +941,7 @@ def create_interface(
     return RedisSessionInterface(
         app,
         lambda: given,
-        display_url="(the client passed to SessionStore)",
+        display_url=f"({CLIENT_GIVEN})",
         errors=errors,
         **interface_options(settings),
     )

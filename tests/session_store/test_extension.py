@@ -114,7 +114,7 @@ def test_production_with_redis_binds_flask_session_without_connecting() -> None:
         environment="production",
         session_store_backend="redis",
         secret_key=SECRET,
-        store=redis.Options(url="redis://:pw@127.0.0.1:1/0"),
+        store=redis.Options(url="redis://:pw@127.0.0.1:1/0", allow_plaintext_auth=True),
     )
     SessionStore(app, settings)
     interface = app.session_interface

@@ -44,6 +44,8 @@ STORE_LOGGER = "pyloto_corp.session_store"
 TOKENS = ("tok-1", "tok-2")
 ADMIN_PASSWORD = "admin-pass-16180339"
 JSON = {"Accept": "application/json"}
+#: IAM over plaintext redis:// (these tests' servers speak no TLS), allowed by name.
+PLAINTEXT_IAM = {"REDIS_IAM_AUTH": "true", "REDIS_ALLOW_PLAINTEXT_AUTH": "true"}
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def test_iam_auth_from_env_installs_the_iam_provider_without_connecting(
         listener.listen()
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        app = make_app(**_env(f"redis://127.0.0.1:{port}/0", REDIS_IAM_AUTH="true"))
+        app = make_app(**_env(f"redis://127.0.0.1:{port}/0", **PLAINTEXT_IAM))
         interface = SessionStore.state(app).interface
         assert isinstance(interface, RedisSessionInterface)
         client = interface.client
@@ -220,7 +222,7 @@ def test_iam_auth_from_env_installs_the_iam_provider_without_connecting(
 
 def test_iam_auth_with_a_password_in_the_url_is_a_problem() -> None:
     password = "url-pw-2718281828"
-    environ = _env(f"redis://:{password}@h:6379", REDIS_IAM_AUTH="true")
+    environ = _env(f"redis://:{password}@h:6379", **PLAINTEXT_IAM)
     problems = Settings.from_env(environ).validate()
     iam = [problem for problem in problems if "REDIS_IAM_AUTH" in problem]
     assert len(iam) == 1, problems
@@ -233,7 +235,7 @@ def test_iam_auth_with_a_password_in_the_url_is_a_problem() -> None:
     assert password not in str(raised.value)
     assert password not in repr(raised.value)
     # Without the password the same settings are valid.
-    assert Settings.from_env(_env("redis://h:6379", REDIS_IAM_AUTH="true")).validate() == []
+    assert Settings.from_env(_env("redis://h:6379", **PLAINTEXT_IAM)).validate() == []
 
 
 def test_iam_token_rotation_reaches_new_connections_only(
