@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import redis
 
-from tests.services import _free_cluster_port, wait_until
+from tests.services import _free_cluster_port, free_port, wait_until
 
 #: What the certificate of a Memorystore-like server names instead of the address dialled.
 MISMATCHED_NAME = "redis.memorystore.invalid"
@@ -35,6 +35,10 @@ class TlsFiles:
     #: Signed by the same CA, but names neither 127.0.0.1 nor localhost (Memorystore's case).
     mismatched_cert: Path
     mismatched_key: Path
+    #: Names 127.0.0.1, signed by ``other_ca`` (a "publicly trusted" CA when a test puts
+    #: ``other_ca`` in SSL_CERT_FILE, the system trust store's stand-in).
+    foreign_cert: Path
+    foreign_key: Path
 
 
 def _authority(name: str) -> tuple[Any, Any]:
@@ -87,7 +91,7 @@ def write_tls_files(directory: Path) -> TlsFiles:
     from cryptography.hazmat.primitives import serialization
 
     ca_key, ca_cert = _authority("pyloto test CA")
-    _, other_ca = _authority("some other CA")
+    other_key, other_ca = _authority("some other CA")
     key, cert = _server_certificate(
         ca_key, ca_cert, "127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     )
@@ -97,6 +101,9 @@ def write_tls_files(directory: Path) -> TlsFiles:
         MISMATCHED_NAME,
         [x509.DNSName(MISMATCHED_NAME), x509.IPAddress(ipaddress.ip_address(MISMATCHED_IP))],
     )
+    foreign_key, foreign_cert = _server_certificate(
+        other_key, other_ca, "127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
     pem = serialization.Encoding.PEM
     files = TlsFiles(
         ca=directory / "ca.pem",
@@ -105,12 +112,16 @@ def write_tls_files(directory: Path) -> TlsFiles:
         key=directory / "server.key",
         mismatched_cert=directory / "mismatched.pem",
         mismatched_key=directory / "mismatched.key",
+        foreign_cert=directory / "foreign.pem",
+        foreign_key=directory / "foreign.key",
     )
     files.ca.write_bytes(ca_cert.public_bytes(pem))
     files.other_ca.write_bytes(other_ca.public_bytes(pem))
-    for path, certificate in ((files.cert, cert), (files.mismatched_cert, bad_cert)):
+    certificates = (files.cert, cert), (files.mismatched_cert, bad_cert)
+    for path, certificate in (*certificates, (files.foreign_cert, foreign_cert)):
         path.write_bytes(certificate.public_bytes(pem))
-    for path, private in ((files.key, key), (files.mismatched_key, bad_key)):
+    keys = (files.key, key), (files.mismatched_key, bad_key), (files.foreign_key, foreign_key)
+    for path, private in keys:
         path.write_bytes(
             private.private_bytes(
                 pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -243,3 +254,73 @@ class TlsRedisCluster:
         for process in self.processes:
             process.wait(timeout=10)
         self.processes = []
+
+
+class TlsRedisServer:
+    """One redis-server speaking only TLS (``--port 0 --tls-port P``), requiring ``password``,
+    presenting ``cert`` (signed by ``ca``). Clients present no certificate."""
+
+    def __init__(self, workdir: Path, *, cert: Path, key: Path, ca: Path, password: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; run `make test`.")
+        self.binary = binary
+        self.workdir = workdir
+        self.cert, self.key, self.ca = cert, key, ca
+        self.password = password
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self) -> str:
+        return f"rediss://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def admin(self) -> redis.Redis:
+        """A client trusting the server's own CA, for admin and counting."""
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            ssl=True,
+            ssl_ca_certs=str(self.ca),
+            ssl_check_hostname=False,
+            socket_timeout=2,
+        )
+
+    def start(self) -> TlsRedisServer:
+        args = [self.binary, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
+        args += ["--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"]
+        args += ["--requirepass", self.password, "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir)]
+        log = (self.workdir / "redis.log").open("wb")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = self.admin()
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server with TLS exited: {self._log()}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        try:
+            wait_until(ready, 10, f"redis-server with TLS on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            client.close()
+        return self
+
+    def _log(self) -> str:
+        path = self.workdir / "redis.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None

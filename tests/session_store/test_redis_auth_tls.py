@@ -13,6 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ from pyloto_corp.views import bp
 from tests.conftest import SECRET, TLS_PASSWORD, MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer
-from tests.tls_services import TlsFiles, TlsRedisCluster
+from tests.tls_services import TlsFiles, TlsRedisCluster, TlsRedisServer
 
 STORE_LOGGER = "pyloto_corp.session_store"
 TOKENS = ("tok-1", "tok-2")
@@ -554,3 +555,209 @@ def test_cluster_url_spreads_sessions_over_every_primary_one_round_trip_per_read
     finally:
         for node in nodes.values():
             node.close()
+
+
+# -- 4. TLS pinned to REDIS_SSL_CA_CERTS -----------------------------------------------------------
+
+FOREIGN_PASSWORD = "foreign-pass-16180339"
+
+
+def _auth_attempts(admin: Any) -> int:
+    """AUTH/HELLO commands the server received since CONFIG RESETSTAT, accepted or not."""
+    stats = admin.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get(field, 0))
+        for name in ("auth", "hello")
+        for field in ("calls", "failed_calls", "rejected_calls")
+    )
+
+
+@pytest.fixture
+def public_ca(monkeypatch: pytest.MonkeyPatch, tls_files: TlsFiles) -> TlsFiles:
+    """``other_ca`` stands in for a publicly trusted CA: it is what OpenSSL loads as the
+    system trust store (SSL_CERT_FILE), where redis-py's default context looks."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.other_ca))
+    return tls_files
+
+
+@pytest.fixture
+def foreign_tls_redis(tmp_path: Path, tls_files: TlsFiles) -> Iterator[TlsRedisServer]:
+    """A TLS redis-server with a password, for 127.0.0.1, whose certificate ``other_ca``
+    signed: not the CA the app is configured with."""
+    server = TlsRedisServer(
+        tmp_path,
+        cert=tls_files.foreign_cert,
+        key=tls_files.foreign_key,
+        ca=tls_files.other_ca,
+        password=FOREIGN_PASSWORD,
+    ).start()
+    yield server
+    server.stop()
+
+
+def test_pinned_ca_refuses_a_publicly_trusted_server_before_sending_the_password(
+    make_app: MakeApp,
+    public_ca: TlsFiles,
+    foreign_tls_redis: TlsRedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Memorystore's advice (the CA file, hostname check off) must not let a server with any
+    publicly trusted certificate receive the AUTH string."""
+    server, files = foreign_tls_redis, public_ca
+    admin = server.admin()
+    try:
+        # What redis-py does with ssl_ca_certs alone: the file is added to the system's CAs,
+        # so this server passes and receives the password.
+        admin.config_resetstat()
+        naive = redis.Redis(
+            host="127.0.0.1",
+            port=server.port,
+            password=FOREIGN_PASSWORD,
+            ssl=True,
+            ssl_ca_certs=str(files.ca),
+            ssl_check_hostname=False,
+            socket_timeout=2,
+        )
+        assert naive.ping()
+        naive.close()
+        assert _auth_attempts(admin) == 1
+
+        admin.config_resetstat()
+        caplog.set_level(logging.DEBUG)
+        pinned = {"REDIS_SSL_CA_CERTS": str(files.ca), "REDIS_SSL_CHECK_HOSTNAME": "false"}
+        app = make_app(**_env(server.url(), **pinned))
+        lines = _assert_tls_failure(app, caplog, "certificate")
+        print("TLS pinned, foreign server:", json.dumps(lines))
+        assert _auth_attempts(admin) == 0  # the password never reached it
+        assert FOREIGN_PASSWORD not in caplog.text
+
+        # Pinned to the server's own CA, the same settings work (and authenticate).
+        own = {"REDIS_SSL_CA_CERTS": str(files.other_ca), "REDIS_SSL_CHECK_HOSTNAME": "false"}
+        good = make_app(**_env(server.url(), **own))
+        _round_trip(good, lambda key: admin.exists(key) == 1)
+        assert _auth_attempts(admin) >= 1
+    finally:
+        admin.close()
+
+
+def test_pinned_ca_file_that_cannot_be_loaded_is_a_503_naming_the_variable(
+    make_app: MakeApp, foreign_tls_redis: TlsRedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = foreign_tls_redis
+    missing = server.workdir / "no-such-ca.pem"
+    app = make_app(**_env(server.url(), REDIS_SSL_CA_CERTS=str(missing)))
+    response = _http(app).post("/session/counter", headers=JSON)
+    assert response.status_code == 503
+    lines = _store_lines(caplog)
+    assert lines, "nothing logged"
+    assert all("REDIS_SSL_CA_CERTS cannot be loaded" in line for line in lines), lines
+    assert FOREIGN_PASSWORD not in caplog.text
+
+
+def test_pinned_ca_refuses_a_publicly_trusted_cluster_before_auth(
+    make_app: MakeApp,
+    tls_cluster: TlsRedisCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cluster's CA is the 'public' one here; the app pins another: every node refuses."""
+    files = tls_cluster.files
+    monkeypatch.setenv("SSL_CERT_FILE", str(files.ca))
+    nodes = [tls_cluster.node_client(port) for port in tls_cluster.ports]
+    try:
+        naive = RedisCluster(
+            host="127.0.0.1",
+            port=tls_cluster.ports[0],
+            password=tls_cluster.password,
+            ssl=True,
+            ssl_ca_certs=str(files.other_ca),
+            ssl_check_hostname=False,
+            socket_timeout=2,
+        )
+        assert naive.ping()  # redis-py alone: the other CA is added, the cluster passes
+        naive.close()
+        for node in nodes:
+            node.config_resetstat()
+        pinned = {"REDIS_SSL_CA_CERTS": str(files.other_ca), "REDIS_SSL_CHECK_HOSTNAME": "false"}
+        app = make_app(**_env(tls_cluster.url(), **pinned))
+        lines = _assert_tls_failure(app, caplog, "certificate")
+        print("TLS pinned, foreign cluster:", json.dumps(lines))
+        assert [_auth_attempts(node) for node in nodes] == [0] * len(nodes)
+        # Pinned to the cluster's own CA: it works (round trip in the tests above as well).
+        good = make_app(**_env(tls_cluster.url(), REDIS_SSL_CA_CERTS=str(files.ca)))
+        _assert_ready_cluster(good)
+        assert sum(_auth_attempts(node) for node in nodes) >= len(nodes)
+    finally:
+        for node in nodes:
+            node.close()
+
+
+# -- 5. transport settings that are refused --------------------------------------------------------
+
+PLAIN_PASSWORD = "plain-pass-57721566"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{PLAIN_PASSWORD}@10.0.0.3:6379/0",
+        f"redis://default:{PLAIN_PASSWORD}@10.0.0.3",
+        f"redis+cluster://:{PLAIN_PASSWORD}@10.0.0.3:6379,10.0.0.4:6379",
+        f"redis+sentinel://:{PLAIN_PASSWORD}@10.0.0.3:26379/mymaster",
+    ],
+)
+@pytest.mark.parametrize(
+    "where", [{"ENV": "production"}, {"ENV": "staging"}, {"ENV": "dev", "K_SERVICE": "api"}]
+)
+def test_a_deployed_plaintext_url_with_a_password_is_refused_unless_allowed(
+    url: str, where: dict[str, str]
+) -> None:
+    environ = {**_env(url), **where}
+    problems = Settings.from_env(environ).validate()
+    assert len(problems) == 1, problems
+    assert "REDIS_URL is plaintext" in problems[0]
+    assert "REDIS_ALLOW_PLAINTEXT_AUTH=true" in problems[0]
+    assert PLAIN_PASSWORD not in problems[0]
+    with pytest.raises(ConfigurationError) as raised:
+        create_app(Settings.from_env(environ))
+    assert PLAIN_PASSWORD not in str(raised.value) + repr(raised.value)
+    allowed = {**environ, "REDIS_ALLOW_PLAINTEXT_AUTH": "true"}
+    assert Settings.from_env(allowed).validate() == []
+    tls = {**environ, "REDIS_URL": url.replace("redis", "rediss", 1)}
+    assert Settings.from_env(tls).validate() == []
+
+
+def test_plaintext_is_fine_without_a_secret_or_outside_deployments() -> None:
+    no_password = _env("redis+cluster://10.0.0.3:6379")
+    assert Settings.from_env(no_password).validate() == []
+    local = {**_env(f"redis://:{PLAIN_PASSWORD}@127.0.0.1:6379"), "ENV": "development"}
+    assert Settings.from_env(local).validate() == []
+
+
+def test_iam_auth_over_plaintext_is_refused_when_deployed() -> None:
+    problems = Settings.from_env(_env("redis://10.0.0.3:6379", REDIS_IAM_AUTH="true")).validate()
+    assert len(problems) == 1, problems
+    assert "REDIS_IAM_AUTH=true" in problems[0]
+    assert "REDIS_ALLOW_PLAINTEXT_AUTH" in problems[0]
+    assert "access token" in problems[0]
+    secured = _env("rediss://10.0.0.3:6378", REDIS_IAM_AUTH="true")
+    assert Settings.from_env(secured).validate() == []
+
+
+@pytest.mark.parametrize("environment", ["production", "development"])
+def test_hostname_check_off_needs_the_ca(environment: str) -> None:
+    environ = {**_env("rediss://10.0.0.3:6378"), "ENV": environment}
+    environ["REDIS_SSL_CHECK_HOSTNAME"] = "false"
+    problems = Settings.from_env(environ).validate()
+    assert len(problems) == 1, problems
+    assert "REDIS_SSL_CHECK_HOSTNAME=false needs REDIS_SSL_CA_CERTS" in problems[0]
+    environ["REDIS_SSL_CA_CERTS"] = "/secrets/memorystore-ca.pem"
+    assert Settings.from_env(environ).validate() == []
+
+
+def test_a_ca_file_with_a_plaintext_url_is_refused() -> None:
+    environ = _env("redis://10.0.0.3:6379", REDIS_SSL_CA_CERTS="/secrets/ca.pem")
+    problems = Settings.from_env(environ).validate()
+    assert len(problems) == 1, problems
+    assert "REDIS_SSL_CA_CERTS is set but REDIS_URL is plaintext (redis://)" in problems[0]
+    assert "use rediss://" in problems[0]
