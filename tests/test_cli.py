@@ -142,3 +142,41 @@ def test_info_and_ping_use_the_store_of_the_loaded_app(redis_server: RedisServer
     down = _subprocess([*prefix, "ping"], CLI_APP_REDIS_URL=f"redis://127.0.0.1:{free_port()}")
     assert down.returncode == 1
     assert "Redis session store at redis://127.0.0.1" in down.stderr
+
+
+def test_check_info_and_ping_of_an_app_that_gives_its_own_client(
+    redis_server: RedisServer,
+) -> None:
+    """SESSION_TYPE='redis' with SESSION_REDIS, validated for production, no REDIS_URL."""
+    prefix = ["-m", "flask", "--app", "tests.cli_client_app", "session-store"]
+    environ = {"CLI_APP_REDIS_PORT": str(redis_server.port), "ENV": "production"}
+    check = _subprocess([*prefix, "check"], **environ)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == (
+        "Configuration is valid for environment 'production' "
+        "(session store: redis, client given by the app)."
+    )
+    info = _subprocess([*prefix, "info", "--json"], **environ)
+    assert info.returncode == 0, info.stderr
+    values = json.loads(info.stdout)
+    assert values["REDIS_URL"] == "client given by the app"
+    assert values["SESSION_STORE_BACKEND"] == "redis"
+    text = _subprocess([*prefix, "info"], **environ)
+    assert "client given by the app" in text.stdout
+    ping = _subprocess([*prefix, "ping"], **environ)
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.startswith("redis answered in ")
+    # The same app's other rules still apply: staging wants what production wants.
+    staged = _subprocess([*prefix, "check", "--env", "staging"], **environ)
+    assert staged.returncode == 0, staged.stderr
+    assert "environment 'staging'" in staged.stdout
+
+
+def test_check_of_a_loaded_app_reports_its_problems(redis_server: RedisServer) -> None:
+    prefix = ["-m", "flask", "--app", "tests.cli_app", "session-store"]
+    result = _subprocess(
+        [*prefix, "check"], CLI_APP_REDIS_URL=redis_server.url, SESSION_LIFETIME="0"
+    )
+    assert result.returncode == 1
+    assert "SESSION_LIFETIME must be a positive duration" in result.stderr
+    assert "Traceback" not in result.stderr

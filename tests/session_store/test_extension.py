@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
+import redis as redis_py
 from flask import Flask
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
@@ -13,6 +15,7 @@ from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.session_store.memory import MemorySessionInterface
 from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import SECRET
+from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer, free_port
 
 
@@ -289,3 +292,115 @@ def _user_routes(app: Flask) -> None:
     @app.get("/get")
     def get_value() -> dict[str, str | None]:
         return {"user": session.get("user")}
+
+
+# -- the app's own client needs no URL (Flask-Session's migration path) ----------------------------
+
+
+def _serves_on(app: Flask, admin: Any, prefix: str = "session:") -> None:
+    """Two real requests (a login-like write, a read) answered from ``admin``'s server: the
+    session is stored there and that server counted the commands."""
+    _user_routes(app)
+    admin.config_resetstat()
+    web = app.test_client()
+    assert web.post("/set").status_code == 200
+    assert web.get("/get").json == {"user": "ana"}
+    seen = commands(admin)
+    assert seen.get("getex", 0) >= 1, seen  # the read came here
+    assert seen.get("evalsha", 0) + seen.get("eval", 0) >= 1, seen  # and the write
+    assert len(admin.keys(f"{prefix}*")) == 1
+    # Through the given client (it names its connections), not one built from settings.
+    others = [c for c in admin.client_list() if c["id"] != str(admin.client_id())]
+    assert others, "no connection from the app"
+    assert {c["name"] for c in others} == {"given"}, others
+
+
+def test_a_flask_session_app_with_session_redis_needs_no_redis_url(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's migration: SESSION_TYPE='redis' and SESSION_REDIS, no REDIS_URL in the
+    config or the environment, validated for production."""
+    monkeypatch.setenv("ENV", "production")
+    client = redis_py.Redis(port=own_redis.port, socket_timeout=2, client_name="given")
+    admin = own_redis.client()
+    app = Flask("migrating")
+    app.config.update(SECRET_KEY=SECRET, SESSION_TYPE="redis", SESSION_REDIS=client)
+    SessionStore(app)
+    state = SessionStore.state(app)
+    assert state.settings.environment == "production"
+    assert state.interface.client is client  # type: ignore[attr-defined]
+    assert state.settings.redacted()["REDIS_URL"] == "client given by the app"
+    _serves_on(app, admin)
+    admin.close()
+    client.close()
+
+
+def test_session_store_with_client_and_no_url_serves_on_that_client(
+    own_redis: RedisServer,
+) -> None:
+    client = redis_py.Redis(port=own_redis.port, socket_timeout=2, client_name="given")
+    admin = own_redis.client()
+    app = Flask("own_client")
+    settings = Settings(environment="production", secret_key=SECRET, session_store_backend="redis")
+    SessionStore(app, settings, client=client)
+    _serves_on(app, admin)
+    admin.close()
+    client.close()
+
+
+def test_a_given_client_still_gets_every_other_rule_of_production(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENV", "production")
+    client = redis_py.Redis(port=own_redis.port, socket_timeout=2)
+    app = Flask("strict")
+    app.config.update(
+        SECRET_KEY="too-short-key",
+        SESSION_TYPE="redis",
+        SESSION_REDIS=client,
+        SESSION_COOKIE_HTTPONLY=False,
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(app)
+    problems = caught.value.problems
+    assert len(problems) == 2, problems
+    assert any(p.startswith("SECRET_KEY is too short") for p in problems), problems
+    assert any(p.startswith("SESSION_COOKIE_HTTPONLY=false") for p in problems), problems
+    assert not any("REDIS_URL" in p for p in problems), problems
+    client.close()
+
+
+def test_without_a_client_redis_url_is_still_required_and_says_both_ways() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        SessionStore(Flask("no_url"), Settings(environment="test", session_store_backend="redis"))
+    (problem,) = caught.value.problems
+    assert "REDIS_URL is required" in problem
+    assert "SessionStore(app, client=...)" in problem
+
+
+def test_firestore_with_a_given_client_needs_no_project(
+    firestore_env: dict[str, str],
+    firestore_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Production with a firestore.Client of the app's own (here on the emulator): no
+    FIRESTORE_PROJECT or GOOGLE_CLOUD_PROJECT, and nothing the client reads on its own."""
+    from google.cloud import firestore as google_firestore
+
+    given = google_firestore.Client(project=firestore_env["FIRESTORE_PROJECT"])
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST")  # the client was built with it; we need none
+    monkeypatch.setenv("ENV", "production")
+    app = Flask("firestore_client")
+    app.config.update(SECRET_KEY=SECRET, SESSION_STORE_BACKEND="firestore")
+    SessionStore(app, client=given)
+    state = SessionStore.state(app)
+    assert state.interface.client is given  # type: ignore[attr-defined]
+    assert state.settings.redacted()["FIRESTORE_PROJECT"] == "client given by the app"
+    _user_routes(app)
+    web = app.test_client()
+    assert web.post("/set").status_code == 200
+    assert web.get("/get").json == {"user": "ana"}
+    stored = list(firestore_client.collection("sessions").stream())
+    assert len(stored) == 1
+    assert stored[0].id.startswith("session:")
+    given.close()
