@@ -324,3 +324,88 @@ class TlsRedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+
+class TlsSentinel:
+    """One ``redis-sentinel`` speaking only TLS, monitoring ``primary`` (a TlsRedisServer) as
+    service ``service`` over TLS (``tls-replication yes``), quorum 1. It presents ``cert``
+    (signed by ``ca``); ``trusted`` is the CA bundle it verifies the primary with."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        primary: TlsRedisServer,
+        *,
+        cert: Path,
+        key: Path,
+        ca: Path,
+        trusted: Path,
+        service: str = "tlsmaster",
+    ) -> None:
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            raise RuntimeError("redis-sentinel is not installed; run `make test`.")
+        self.binary = binary
+        self.workdir = workdir
+        self.primary = primary
+        self.cert, self.key, self.ca, self.trusted = cert, key, ca, trusted
+        self.service = service
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self) -> str:
+        password = self.primary.password
+        return f"rediss+sentinel://:{password}@127.0.0.1:{self.port}/{self.service}"
+
+    def start(self) -> TlsSentinel:
+        config = self.workdir / f"sentinel-{self.port}.conf"
+        config.write_text(
+            f"port 0\ntls-port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"logfile {self.workdir / 'sentinel.log'}\n"
+            f"tls-cert-file {self.cert}\ntls-key-file {self.key}\n"
+            f"tls-ca-cert-file {self.trusted}\ntls-auth-clients no\ntls-replication yes\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 1\n"
+            f"sentinel auth-pass {self.service} {self.primary.password}\n"
+        )
+        self.process = subprocess.Popen(
+            [self.binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        probe = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            ssl=True,
+            ssl_ca_certs=str(self.ca),
+            ssl_check_hostname=False,
+            socket_timeout=2,
+        )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                log = self.workdir / "sentinel.log"
+                text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-sentinel with TLS exited: {text}")
+            try:
+                state = cast(Any, probe).sentinel_master(self.service)
+            except redis.RedisError:
+                return False
+            return bool(
+                state.get("port") == self.primary.port
+                and state.get("is_master")
+                and not state.get("is_sdown")
+            )
+
+        try:
+            wait_until(ready, 20, f"TLS sentinel on port {self.port} seeing its primary")
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            probe.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None

@@ -39,7 +39,7 @@ from pyloto_corp.views import bp
 from tests.conftest import SECRET, TLS_PASSWORD, MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer
-from tests.tls_services import TlsFiles, TlsRedisCluster, TlsRedisServer
+from tests.tls_services import TlsFiles, TlsRedisCluster, TlsRedisServer, TlsSentinel
 
 STORE_LOGGER = "pyloto_corp.session_store"
 TOKENS = ("tok-1", "tok-2")
@@ -761,3 +761,55 @@ def test_a_ca_file_with_a_plaintext_url_is_refused() -> None:
     assert len(problems) == 1, problems
     assert "REDIS_SSL_CA_CERTS is set but REDIS_URL is plaintext (redis://)" in problems[0]
     assert "use rediss://" in problems[0]
+
+
+def test_pinned_ca_covers_the_primary_a_tls_sentinel_names(
+    make_app: MakeApp,
+    public_ca: TlsFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sentinel over TLS with the pinned CA; the primary it names holds a certificate from the
+    'public' CA only: refused before AUTH. With both CAs in the file, the same setup works."""
+    files = public_ca
+    bundle = tmp_path / "both-cas.pem"
+    bundle.write_bytes(files.ca.read_bytes() + files.other_ca.read_bytes())
+    primary_dir, sentinel_dir = tmp_path / "primary", tmp_path / "sentinel"
+    primary_dir.mkdir()
+    sentinel_dir.mkdir()
+    primary = TlsRedisServer(
+        primary_dir,
+        cert=files.foreign_cert,
+        key=files.foreign_key,
+        ca=files.other_ca,
+        password=FOREIGN_PASSWORD,
+    ).start()
+    sentinel: TlsSentinel | None = None
+    admin = primary.admin()
+    try:
+        sentinel = TlsSentinel(
+            sentinel_dir, primary, cert=files.cert, key=files.key, ca=files.ca, trusted=bundle
+        ).start()
+        admin.config_resetstat()
+        pinned = {"REDIS_SSL_CA_CERTS": str(files.ca), "REDIS_SSL_CHECK_HOSTNAME": "false"}
+        app = make_app(**_env(sentinel.url(), **pinned))
+        caplog.clear()
+        response = _http(app).post("/session/counter", headers=JSON)
+        assert response.status_code == 503
+        lines = _store_lines(caplog)
+        print("TLS pinned, sentinel's foreign primary:", json.dumps(lines))
+        assert any("TLS handshake failed" in line for line in lines), lines
+        assert _auth_attempts(admin) == 0  # the sentinel's own links were open already
+
+        both = {"REDIS_SSL_CA_CERTS": str(bundle), "REDIS_SSL_CHECK_HOSTNAME": "false"}
+        good = make_app(**_env(sentinel.url(), **both))
+        _round_trip(good, lambda key: admin.exists(key) == 1)
+        ready = _http(good).get("/readyz")
+        assert ready.status_code == 200
+        assert ready.get_json()["topology"] == "sentinel"
+        assert FOREIGN_PASSWORD not in caplog.text
+    finally:
+        admin.close()
+        if sentinel is not None:
+            sentinel.stop()
+        primary.stop()
