@@ -44,6 +44,11 @@ def _loaded_app() -> Flask | None:
         return None
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # the app's own code failed; its message may hold anything
+        raise click.ClickException(
+            f"The app could not be loaded: {type(exc).__name__} while importing or building "
+            f"{info.app_import_path or 'it'}."
+        ) from None
     if EXTENSION_KEY not in app.extensions:
         raise click.ClickException(
             f"The app {app.name!r} has no SessionStore registered; call SessionStore(app)."

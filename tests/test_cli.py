@@ -180,3 +180,11 @@ def test_check_of_a_loaded_app_reports_its_problems(redis_server: RedisServer) -
     assert result.returncode == 1
     assert "SESSION_LIFETIME must be a positive duration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_app_that_fails_to_load_is_one_line_without_its_message() -> None:
+    prefix = ["-m", "flask", "--app", "tests.cli_app", "session-store"]
+    result = _subprocess([*prefix, "check"])  # CLI_APP_REDIS_URL unset: a KeyError at import
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "The app could not be loaded: KeyError while importing or building" in result.stderr

@@ -33,6 +33,7 @@ from pyloto_corp.session_store.redis import (
     IAM_REFRESH_MARGIN,
     RETRIES,
     IamCredentialProvider,
+    PinnedSSLConnection,
     RedisSessionInterface,
 )
 from pyloto_corp.views import bp
@@ -686,6 +687,14 @@ def test_pinned_ca_refuses_a_publicly_trusted_cluster_before_auth(
         # Pinned to the cluster's own CA: it works (round trip in the tests above as well).
         good = make_app(**_env(tls_cluster.url(), REDIS_SSL_CA_CERTS=str(files.ca)))
         _assert_ready_cluster(good)
+        interface = SessionStore.state(good).interface
+        assert isinstance(interface, RedisSessionInterface)
+        cluster = interface.client
+        assert isinstance(cluster, RedisCluster)
+        # Every node, the seeds and the one found in the slot map, connects pinned.
+        pools = [node.redis_connection.connection_pool for node in cluster.get_nodes()]
+        assert len(pools) == len(tls_cluster.ports)
+        assert {pool.connection_class for pool in pools} == {PinnedSSLConnection}
         assert sum(_auth_attempts(node) for node in nodes) >= len(nodes)
     finally:
         for node in nodes:
