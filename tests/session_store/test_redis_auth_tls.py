@@ -84,8 +84,20 @@ def _counter(app: Flask, sid: str) -> int:
     return int(response.get_json()["counter"])
 
 
+def _holds_session(admin: Any) -> Any:
+    """``holds(store_id)``: the store keeps a live session there (not the marker a logout
+    leaves, not nothing)."""
+
+    def holds(store_id: str) -> bool:
+        data = admin.get(store_id)
+        return isinstance(data, bytes) and data[:2] == redis_backend.RECORD_MARKER
+
+    return holds
+
+
 def _round_trip(app: Flask, exists: Any) -> dict[str, Any]:
-    """Create, read, modify and log out one session; ``exists(store_id)`` asks the store."""
+    """Create, read, modify and log out one session; ``exists(store_id)`` asks the store
+    whether it holds the session."""
     http = _http(app)
     created = http.post("/session/counter", headers=JSON)
     assert created.status_code == 200, created.get_data(as_text=True)
@@ -440,7 +452,7 @@ def test_tls_cluster_session_round_trip_and_readiness(
     assert isinstance(interface, RedisSessionInterface)
     admin = _tls_admin(tls_cluster)
     try:
-        _round_trip(app, lambda key: admin.exists(key) == 1)
+        _round_trip(app, _holds_session(admin))
     finally:
         admin.close()
     client = interface.client
@@ -481,7 +493,7 @@ def test_tls_cluster_certificate_naming_another_host_needs_check_hostname_off(
     caplog.clear()
     admin = _tls_admin(cluster)
     try:
-        _round_trip(app, lambda key: admin.exists(key) == 1)
+        _round_trip(app, _holds_session(admin))
     finally:
         admin.close()
     _assert_ready_cluster(app)
@@ -635,7 +647,7 @@ def test_pinned_ca_refuses_a_publicly_trusted_server_before_sending_the_password
         # Pinned to the server's own CA, the same settings work (and authenticate).
         own = {"REDIS_SSL_CA_CERTS": str(files.other_ca), "REDIS_SSL_CHECK_HOSTNAME": "false"}
         good = make_app(**_env(server.url(), **own))
-        _round_trip(good, lambda key: admin.exists(key) == 1)
+        _round_trip(good, _holds_session(admin))
         assert _auth_attempts(admin) >= 1
     finally:
         admin.close()
@@ -812,7 +824,7 @@ def test_pinned_ca_covers_the_primary_a_tls_sentinel_names(
 
         both = {"REDIS_SSL_CA_CERTS": str(bundle), "REDIS_SSL_CHECK_HOSTNAME": "false"}
         good = make_app(**_env(sentinel.url(), **both))
-        _round_trip(good, lambda key: admin.exists(key) == 1)
+        _round_trip(good, _holds_session(admin))
         ready = _http(good).get("/readyz")
         assert ready.status_code == 200
         assert ready.get_json()["topology"] == "sentinel"
