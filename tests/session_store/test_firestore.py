@@ -60,7 +60,7 @@ def test_document_fields(app: Flask, sessions: firestore.CollectionReference) ->
     assert document is not None
     assert set(document) == {"fields", "expires_at", "updated_at"}
     # One map entry per session key, each its encoded value.
-    assert set(document["fields"]) == {"_permanent", "_created_at", "counter"}
+    assert set(document["fields"]) == {"_created_at", "counter"}
     assert codec.unpack_value(document["fields"]["counter"]) == 1
     expected = before + timedelta(hours=1)
     assert timedelta(0) <= document["expires_at"] - expected < timedelta(seconds=5)
@@ -115,14 +115,14 @@ def test_expired_document_is_treated_as_absent(
 def test_permanent_and_browser_sessions(
     app: Flask, sessions: firestore.CollectionReference
 ) -> None:
-    @app.post("/browser-session")
-    def browser_session() -> dict[str, bool]:
-        session.permanent = False
+    @app.post("/permanent-session")
+    def permanent_session() -> dict[str, bool]:
+        session.permanent = True
         session["counter"] = 1
         return {"ok": True}
 
-    permanent = app.test_client().post("/session/counter").headers["Set-Cookie"]
-    browser = app.test_client().post("/browser-session").headers["Set-Cookie"]
+    permanent = app.test_client().post("/permanent-session").headers["Set-Cookie"]
+    browser = app.test_client().post("/session/counter").headers["Set-Cookie"]
     assert "Expires=" in permanent
     assert "Expires=" not in browser
     for header in (permanent, browser):
@@ -250,7 +250,7 @@ def test_a_blob_written_by_the_previous_release_mid_request_never_wipes_the_sess
     assert client.post("/late").status_code == 200
     document = _doc(sessions, sid)
     assert document is not None
-    assert set(document[FIELDS]) == {"_permanent", "_created_at", "counter", "late"}
+    assert set(document[FIELDS]) == {"_created_at", "counter", "late"}
     assert client.get("/session/counter").json == {"counter": 1}
 
 
