@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pyloto_corp.config.server import LOG_LEVELS, ServerSettings
+from pyloto_corp.config.server import FALSE_WORDS, LOG_LEVELS, TRUE_WORDS, ServerSettings
 from tests.conftest import SECRET
 from tests.services import Gunicorn, RedisServer, free_port
 
@@ -60,11 +60,15 @@ def test_log_level_warning_drops_the_access_log(serve: Callable[..., Gunicorn]) 
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize(("level", "built"), [(logging.INFO, True), (logging.WARNING, False)])
+@pytest.mark.parametrize(
+    ("accesslog", "level", "built"),
+    [("-", logging.INFO, True), ("-", logging.WARNING, False), (None, logging.INFO, False)],
+)
 def test_access_log_fields_are_built_only_when_written(
-    level: int, built: bool, monkeypatch: pytest.MonkeyPatch
+    accesslog: str | None, level: int, built: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """gunicorn would format every request's access-log fields and drop them at WARNING."""
+    """gunicorn would format every request's access-log fields, and drop them at WARNING or
+    with the access log off, because a logging config is given."""
     import runpy
 
     from gunicorn.config import Config
@@ -72,7 +76,7 @@ def test_access_log_fields_are_built_only_when_written(
     access_log = logging.getLogger("gunicorn.access")
     monkeypatch.setattr(access_log, "handlers", [])
     config = Config()
-    config.set("accesslog", "-")
+    config.set("accesslog", accesslog)
     logger = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["Logger"](config)
     calls: list[object] = []
     monkeypatch.setattr(logger, "atoms", lambda *args: calls.append(args) or {})
@@ -83,6 +87,83 @@ def test_access_log_fields_are_built_only_when_written(
     finally:
         access_log.setLevel(logging.NOTSET)
     assert bool(calls) is built
+
+
+REQUEST_LINE = "GET /session/counter HTTP/1.1"
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("access_log", "written"), [(None, False), ("true", True), (" On ", True), ("false", False)]
+)
+def test_access_log_on_cloud_run_is_off_unless_asked_for(
+    access_log: str | None,
+    written: bool,
+    serve: Callable[..., Gunicorn],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cloud Run's own request log has every request: a line of ours would be billed twice."""
+    monkeypatch.delenv("GUNICORN_ACCESS_LOG", raising=False)
+    environ = {"K_SERVICE": "pyloto", "SESSION_STORE_BACKEND": "redis", "REDIS_URL": redis_url}
+    if access_log is not None:
+        environ["GUNICORN_ACCESS_LOG"] = access_log
+    served = serve(SECRET_KEY=SECRET, **environ)
+    status, headers, _ = served.request("POST", "/session/counter")
+    assert status == 200
+    cookie = headers["Set-Cookie"].split(";")[0]
+    for _ in range(3):
+        assert served.request("GET", "/session/counter", {"Cookie": cookie})[0] == 200
+    output = served.stop()
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("Listening at: http://0.0.0.0:") for m in messages), output
+    requests = [m for m in messages if REQUEST_LINE in m]
+    assert len(requests) == (3 if written else 0), output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(("access_log", "written"), [(None, True), ("0", False), ("YES", True)])
+def test_access_log_locally_is_on_unless_turned_off(
+    access_log: str | None,
+    written: bool,
+    serve: Callable[..., Gunicorn],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without K_SERVICE nothing else logs the requests: a developer sees them by default."""
+    monkeypatch.delenv("K_SERVICE", raising=False)
+    monkeypatch.delenv("GUNICORN_ACCESS_LOG", raising=False)
+    environ = {} if access_log is None else {"GUNICORN_ACCESS_LOG": access_log}
+    served = serve(ENV="development", **environ)
+    assert served.request("GET", "/session/counter")[0] == 200
+    output = served.stop()
+    assert "Listening at: http://0.0.0.0:" in output
+    assert output.count(f'"{REQUEST_LINE}" 200') == (1 if written else 0), output
+
+
+def test_no_control_socket(serve: Callable[..., Gunicorn], tmp_path: Path) -> None:
+    """gunicorn 25.1+ would open a control socket (gunicornc) under XDG_RUNTIME_DIR or HOME:
+    a way into the running server that nothing on Cloud Run needs."""
+    from gunicorn.config import Config
+
+    assert "control_socket_disable" in Config().settings  # the installed gunicorn knows it
+    runtime, home = tmp_path / "run", tmp_path / "home"
+    runtime.mkdir()
+    home.mkdir()
+    served = serve(ENV="development", XDG_RUNTIME_DIR=str(runtime), HOME=str(home))
+    assert served.request("GET", "/healthz")[0] == 200
+    time.sleep(0.5)  # gunicorn opens the socket just after it starts serving
+    sockets = [*runtime.rglob("*"), *home.rglob("*")]
+    output = served.stop()
+    assert sockets == [], output
+    assert "control socket" not in output, output
 
 
 def test_production_logs_json_with_trace_and_answers_503_when_redis_stops(
@@ -167,6 +248,28 @@ def test_config_values_for_cloud_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config["accesslog"], config["errorlog"]) == ("-", "-")
     # gunicorn trusts no peer's X-Forwarded-*: ProxyFix (TRUSTED_PROXY_HOPS) alone decides.
     assert config["forwarded_allow_ips"] == ""
+    assert config["control_socket_disable"] is True
+
+
+@pytest.mark.parametrize(
+    ("environ", "accesslog"),
+    [
+        ({}, "-"),
+        ({"K_SERVICE": "pyloto"}, None),
+        ({"K_SERVICE": "pyloto", "GUNICORN_ACCESS_LOG": "true"}, "-"),
+        ({"GUNICORN_ACCESS_LOG": "false"}, None),
+    ],
+)
+def test_config_access_log(
+    environ: dict[str, str], accesslog: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runpy
+
+    for name in ("K_SERVICE", "GUNICORN_ACCESS_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["accesslog"] == accesslog
 
 
 # -- the variables gunicorn.conf.py reads ------------------------------------------------------
@@ -181,6 +284,8 @@ def test_config_values_for_cloud_run(monkeypatch: pytest.MonkeyPatch) -> None:
         ("PORT", "0"),
         ("GUNICORN_TIMEOUT", "-1"),
         ("LOG_LEVEL", "loud"),
+        ("GUNICORN_ACCESS_LOG", "maybe"),
+        ("GUNICORN_ACCESS_LOG", " "),
     ],
 )
 def test_bad_server_variable_exits_1_naming_it(name: str, value: str) -> None:
@@ -272,6 +377,36 @@ def test_server_settings_bad_log_level(value: str, got: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, True),
+        ({"K_SERVICE": "pyloto"}, False),
+        ({"K_SERVICE": ""}, True),  # an empty K_SERVICE is not Cloud Run (as Settings reads it)
+        *[({"K_SERVICE": "pyloto", "GUNICORN_ACCESS_LOG": w}, True) for w in TRUE_WORDS],
+        *[({"GUNICORN_ACCESS_LOG": w}, False) for w in FALSE_WORDS],
+        ({"GUNICORN_ACCESS_LOG": " TRUE\t"}, True),
+        ({"GUNICORN_ACCESS_LOG": "Off"}, False),
+    ],
+)
+def test_server_settings_access_log(environ: dict[str, str], expected: bool) -> None:
+    assert ServerSettings.from_env(environ) == (ServerSettings(access_log=expected), [])
+
+
+@pytest.mark.parametrize(
+    ("value", "got"), [("maybe", "something else"), ("", "an empty value"), ("2", "something else")]
+)
+def test_server_settings_bad_access_log(value: str, got: str) -> None:
+    settings, problems = ServerSettings.from_env(
+        {"K_SERVICE": "pyloto", "GUNICORN_ACCESS_LOG": value}
+    )
+    assert settings.access_log is False  # Cloud Run's default, but the start stops anyway
+    assert problems == [
+        "GUNICORN_ACCESS_LOG must be true or false (also 1/0, yes/no, on/off, any case; "
+        f"got {got})."
+    ]
+
+
 def test_server_settings_report_every_problem_without_values() -> None:
     environ = {
         "PORT": "70000",
@@ -280,12 +415,13 @@ def test_server_settings_report_every_problem_without_values() -> None:
         "GUNICORN_TIMEOUT": "-1",
         "GUNICORN_GRACEFUL_TIMEOUT": "3601",
         "LOG_LEVEL": "very-loud",
+        "GUNICORN_ACCESS_LOG": "sometimes",
     }
     settings, problems = ServerSettings.from_env(environ)
     assert settings == ServerSettings()
     assert [problem.split(" ", 1)[0] for problem in problems] == list(environ)
     assert all(problem.count("\n") == 0 for problem in problems)
-    for value in ("70000", "many-workers", "3601", "very-loud"):
+    for value in ("70000", "many-workers", "3601", "very-loud", "sometimes"):
         assert value not in "".join(problems)
 
 
