@@ -4,7 +4,8 @@
     python -m bench.run --quick    # a short run that CI uses to keep this script working
 
 It starts a real redis-server and the Firestore emulator on loopback, serves each app with the
-repo's gunicorn.conf.py (2 workers x 4 threads), drives it with wrk, counts Redis commands with
+repo's gunicorn.conf.py as on Cloud Run (K_SERVICE set: no access log; 2 workers x 4 threads,
+the defaults) and once more with the access log on, drives it with wrk, counts Redis commands with
 INFO commandstats, and prints one table. Deterministic targets (store operations per request, no
 google.cloud import) fail the run when missed; timing targets are reported, and enforced only
 in a full run.
@@ -56,6 +57,8 @@ MAX_ATTEMPTS = 5
 PIN_SERVER: list[str] = []
 PIN_LOAD: list[str] = []
 READ = {"get": 1}  # one Firestore document read
+#: The suffix of a row served with the access log on (one line per request, to /dev/null here).
+ACCESS_LOG = "_accesslog"
 
 
 @dataclass
@@ -79,9 +82,16 @@ def redis_calls(clients: list[redis.Redis]) -> int:
 def environment(
     app: str, redis_url: str, emulator: FirestoreEmulator | None, cluster_url: str = ""
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSION_", "REDIS_", "ENV"))}
-    env.update(FLASK_SKIP_DOTENV="1", SECRET_KEY=SECRET, REDIS_URL=redis_url, LOG_LEVEL="WARNING")
-    env.update(GUNICORN_WORKERS=str(WORKERS), GUNICORN_THREADS="4", PYTHONPATH=str(ROOT))
+    """The app's environment: the shipped gunicorn.conf.py as deployed on Cloud Run (K_SERVICE
+    set, so no access log), nothing tuned but the worker count (and the port, in gunicorn()).
+    An ``_accesslog`` suffix turns the access log on (GUNICORN_ACCESS_LOG=true) to show its cost."""
+    inherited = ("SESSION_", "REDIS_", "ENV", "GUNICORN_", "LOG_LEVEL", "K_", "FIRESTORE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env.update(FLASK_SKIP_DOTENV="1", SECRET_KEY=SECRET, REDIS_URL=redis_url, K_SERVICE="bench")
+    env.update(GUNICORN_WORKERS=str(WORKERS), PYTHONPATH=str(ROOT))
+    if app.endswith(ACCESS_LOG):
+        app = app.removesuffix(ACCESS_LOG)
+        env["GUNICORN_ACCESS_LOG"] = "true"
     if app.startswith("ours"):
         backend = app.split("_", 1)[1]
         if backend == "cluster":
@@ -438,13 +448,14 @@ def main(argv: list[str] | None = None) -> int:
         nodes = [redis.Redis(port=port, socket_timeout=5) for port in cluster.ports]
         stores = {name: [store] for name in ("flask_session", "flask_session_norefresh")}
         stores |= {"ours_redis": [store], "ours_cluster": nodes}
+        stores["ours_redis" + ACCESS_LOG] = [store]
         seeds = ",".join(f"127.0.0.1:{port}" for port in cluster.ports)
         try:
             env: Callable[[str], dict[str, str]] = lambda app: environment(  # noqa: E731
                 app, server.url, emulator, f"redis+cluster://{seeds}"
             )
             names = ["cookie", "flask_session", "flask_session_norefresh", "ours_redis"]
-            served = [*names, "ours_cluster", "ours_firestore"]
+            served = [*names, "ours_redis" + ACCESS_LOG, "ours_cluster", "ours_firestore"]
             rows, rates = serve_and_measure(
                 {name: env(name) for name in served}, seconds, rounds, stores
             )
@@ -479,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     vs_limit = paired_ratio(rates, "ours_redis", "flask_session_norefresh")
     vs_defaults = paired_ratio(rates, "ours_redis", "flask_session")
+    access_log = paired_ratio(rates, "ours_redis" + ACCESS_LOG, "ours_redis")
     pinned = "; app pinned to CPU 0, wrk to CPU 1" if args.pin else ""
     setup = f"wrk -t2 -c16, {seconds}s x {rounds}; gunicorn 2x4{pinned}"
     print(f"Machine: {os.cpu_count()} cores; {setup}")
@@ -510,6 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     ):
         pairs = " ".join(f"{a / b:.2f}" for a, b in zip(rates[app], rates[baseline], strict=True))
         print(f"{app} / {baseline}, round by round: {pairs}")
+    pairs = " ".join(
+        f"{a / b:.2f}"
+        for a, b in zip(rates["ours_redis" + ACCESS_LOG], rates["ours_redis"], strict=True)
+    )
+    print(
+        f"Access log on (GUNICORN_ACCESS_LOG=true; every row runs as on Cloud Run, where it is "
+        f"off): {access_log:.2f}x ours_redis ({(1 - access_log) * 100:.0f} % fewer req/s; "
+        f"round by round: {pairs})"
+    )
     print(f"Redis round trips per request (ours): {json.dumps(commands)}")
     print(
         "Redis Cluster (3 primaries) round trips per request, summed over the nodes (ours): "
