@@ -1,5 +1,9 @@
 # syntax=docker/dockerfile:1
-FROM python:3.11-slim
+# The base image by tag. A release pins it by digest, which this repository cannot look up
+# offline: `docker buildx imagetools inspect python:3.11-slim` prints it, then build with
+# `--build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>` (README, "Supply chain").
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,19 +13,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own cached layer: code changes do not reinstall them.
-COPY setup.cfg pyproject.toml README.md ./
-RUN mkdir pyloto_corp && touch pyloto_corp/__init__.py \
-    && pip install . \
-    && pip uninstall -y pyloto_corp
+# Dependencies first, in their own cached layer: code changes do not reinstall them. Exactly the
+# files requirements.lock names (`make lock`), each checked against its hash, setuptools (the
+# build backend) included; pip refuses anything unpinned or unhashed.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 
 # gunicorn puts /app first on sys.path, so a source tree left here would shadow the installed
 # package and be recompiled on every cold start (PYTHONDONTWRITEBYTECODE). Install it, which
-# compiles its bytecode, drop the sources, and compile wsgi.py too.
+# compiles its bytecode, drop the sources, and compile wsgi.py too. --no-deps: nothing beyond the
+# lock; --no-build-isolation: built with the locked setuptools, not one fetched unpinned; pip check:
+# the lock holds every dependency the package declares.
+COPY setup.cfg pyproject.toml README.md wsgi.py gunicorn.conf.py ./
 COPY pyloto_corp ./pyloto_corp
-COPY wsgi.py gunicorn.conf.py ./
-RUN pip install --no-deps . \
-    && rm -rf pyloto_corp build ./*.egg-info setup.cfg pyproject.toml README.md \
+RUN pip install --no-deps --no-build-isolation . \
+    && pip check \
+    && rm -rf pyloto_corp build ./*.egg-info setup.cfg pyproject.toml README.md requirements.lock \
     && python -m compileall -q wsgi.py \
     && useradd --system --uid 10001 --no-create-home app
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 5000
 
-.PHONY: serve test lint services bench bench-quick clean
+.PHONY: serve test lint services bench bench-quick lock clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+## Pin every runtime dependency and the build backend, with the hashes PyPI publishes, for the
+## Dockerfile's `pip install --require-hashes`. Run it after changing install_requires; keeps the
+## current pins that still fit (LOCK_ARGS=--upgrade moves them all to the newest allowed).
+## PyPI alone, whatever pip.conf adds: a local mirror's rebuilt wheels would carry other hashes.
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'pip-tools>=7.4,<8'
+	PIP_CONFIG_FILE=/dev/null $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe \
+	  --all-build-deps --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements.lock $(LOCK_ARGS) setup.cfg
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
