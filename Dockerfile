@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The base image by tag. A release pins it by digest, which this repository cannot look up
 # offline: `docker buildx imagetools inspect python:3.11-slim` prints it, then build with
-# `--build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>` (README, "Supply chain").
+# `--build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>` (README, Deploying to Cloud Run).
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
 
