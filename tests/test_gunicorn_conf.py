@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +89,87 @@ def test_access_log_fields_are_built_only_when_written(
     finally:
         access_log.setLevel(logging.NOTSET)
     assert bool(calls) is built
+
+
+DEFAULT_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+FIXED_ATOMS = " ".join(f"%({atom})s" for atom in "hlutrsmUqHbBfaTDMLp")
+
+
+class _Response:
+    def __init__(self, sent: int | None) -> None:
+        self.status = "200 OK"
+        self.sent = sent
+        self.headers = [("Content-Type", "application/json"), ("Set-Cookie", "session=x")]
+
+
+class _Request:
+    headers = (("HOST", "127.0.0.1:8080"), ("USER-AGENT", 'curl "8"'), ("X-PROBE", "p-1"))
+
+
+def _environ(**extra: str) -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "wsgi.input": io.BytesIO(),
+        "wsgi.url_scheme": "http",
+        "gunicorn.socket": object(),
+        "SERVER_SOFTWARE": "gunicorn",
+        "REQUEST_METHOD": "GET",
+        "RAW_URI": "/session/counter?a=1",
+        "PATH_INFO": "/session/counter",
+        "QUERY_STRING": "a=1",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "127.0.0.1:8080",
+        "HTTP_USER_AGENT": 'curl "8"',
+        "HTTP_X_PROBE": "p-1",
+        "REMOTE_ADDR": "169.254.1.1",
+        "REMOTE_PORT": "41234",
+        "SERVER_NAME": "0.0.0.0",
+        "SERVER_PORT": "8080",
+        "SCRIPT_NAME": "",
+    }
+    environ.update(extra)
+    return environ
+
+
+@pytest.mark.parametrize(
+    "access_format", [DEFAULT_FORMAT, FIXED_ATOMS, DEFAULT_FORMAT + " %({x-probe}i)s %({host}e)s"]
+)
+@pytest.mark.parametrize(
+    ("extra", "sent"),
+    [
+        ({}, 15),
+        ({}, None),
+        ({"HTTP_AUTHORIZATION": "Basic YW5hOnB3", "HTTP_REFERER": "https://x.test/"}, 0),
+        ({"HTTP_AUTHORIZATION": "Bearer t"}, 1),
+    ],
+)
+def test_access_line_is_gunicorns_own(
+    access_format: str, extra: dict[str, str], sent: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixed atoms alone (no request/response header or environ atom built, escaped and
+    dropped on every line, unless the format names one) give gunicorn's own line."""
+    import runpy
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger as StockLogger
+    from gunicorn.glogging import SafeAtoms
+
+    monkeypatch.setattr(logging.getLogger("gunicorn.access"), "handlers", [])
+    config = Config()
+    config.set("accesslog", "-")
+    config.set("access_log_format", access_format)
+    ours = runpy.run_path(str(ROOT / "gunicorn.conf.py"))["Logger"](config)
+    stock = StockLogger(config)
+    lines = []
+    for logger in (ours, stock):
+        monkeypatch.setattr(logger, "now", lambda: "[01/Dec/2026:00:00:00 +0000]")
+        atoms = logger.atoms(_Response(sent), _Request(), _environ(**extra), timedelta(0, 1, 2))
+        lines.append(access_format % SafeAtoms(atoms))
+    assert lines[0] == lines[1]
+    assert ("p-1" in lines[0]) is ("x-probe" in access_format)
+    if access_format == DEFAULT_FORMAT:
+        assert lines[0].startswith("169.254.1.1 - ")
+        assert '"GET /session/counter?a=1 HTTP/1.1" 200' in lines[0]
+        assert lines[0].endswith('"curl \\"8\\""')
 
 
 REQUEST_LINE = "GET /session/counter HTTP/1.1"
