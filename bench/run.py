@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -43,7 +44,8 @@ from tests.services import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "bench-" + "s" * 40
+#: A strong key (production refuses a weak one), the same for every app of one run.
+SECRET = secrets.token_urlsafe(48)
 WRK = shutil.which("wrk") or "wrk"
 SS = shutil.which("ss") or "ss"
 CONNECTIONS = 16
