@@ -98,7 +98,13 @@ def test_the_documented_user_runs_every_session_operation_and_nothing_else(
     try:
         _grant(server.port, _documented_rules()[:1])
         url = f"redis://sessions:{PASSWORD}@127.0.0.1:{server.port}/0"
-        _lifecycle(make_app(**redis_production_env(url, SESSION_USER_KEY="user")))
+        _lifecycle(
+            make_app(
+                **redis_production_env(
+                    url, SESSION_USER_KEY="user", REDIS_ALLOW_PLAINTEXT_AUTH="true"
+                )
+            )
+        )
         user = redis.Redis.from_url(url, socket_timeout=5)
         try:
             _refused(user)
@@ -120,7 +126,13 @@ def test_the_documented_user_on_a_redis_cluster(make_app: MakeApp, tmp_path: Pat
             _grant(port, _documented_rules())
         seed = f"sessions:{PASSWORD}@127.0.0.1:{cluster.ports[0]}"
         url = f"redis+cluster://{seed}"
-        _lifecycle(make_app(**redis_production_env(url, SESSION_USER_KEY="user")))
+        _lifecycle(
+            make_app(
+                **redis_production_env(
+                    url, SESSION_USER_KEY="user", REDIS_ALLOW_PLAINTEXT_AUTH="true"
+                )
+            )
+        )
         user = redis.RedisCluster(
             host="127.0.0.1",
             port=cluster.ports[0],
