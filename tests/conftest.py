@@ -25,7 +25,7 @@ _CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()] + 
     variable for backend in BACKENDS for variable in backend_options(backend).VARIABLES
 ]
 _CONFIG_VARS += ["PORT", "LOG_LEVEL", "GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT"]
-_CONFIG_VARS += ["GUNICORN_GRACEFUL_TIMEOUT"]
+_CONFIG_VARS += ["GUNICORN_GRACEFUL_TIMEOUT", "GUNICORN_ACCESS_LOG"]
 
 
 @pytest.fixture(autouse=True)
