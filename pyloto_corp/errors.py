@@ -36,6 +36,14 @@ class SessionStoreUnavailable(RuntimeError):
     """The session store did not answer in time; the request is answered with 503, not 500."""
 
 
+class SessionStoreNotAnswering(SessionStoreUnavailable):
+    """The store did not answer within its timeout (a hung server, an unreachable host): the
+    requests queued behind this one would wait as long, so the process answers 503 at once for a
+    short cool-down (``SESSION_STORE_COOLDOWN``). A failure that comes at once (a refused
+    connection, an error the store answered such as out of memory) raises the parent class: it
+    costs no one a wait, and fails only the sessions it concerns (one shard of a cluster)."""
+
+
 class SessionTooLarge(ValueError):
     """The encoded session exceeds what the backend may store; the stored copy is left intact."""
 

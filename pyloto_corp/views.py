@@ -25,12 +25,22 @@ def healthz() -> dict[str, str]:
 def readyz() -> tuple[dict[str, object], int]:
     """Readiness: the session store answers a ping. The public body names the backend and its
     topology (a cluster's primaries and slots), never an address; the reason of a failure
-    (host, error) goes to the log."""
+    (host, error) goes to the log.
+
+    While requests are answered 503 at once after a store failure (the breaker is open), so is
+    this, with that reason; once the cool-down is over the ping is the probe that closes it, so
+    an instance taken out of rotation by this check can come back without traffic. A failed
+    ping alone does not open it (a degraded cluster still serves most sessions)."""
     state = SessionStore.state()
     backend = state.settings.session_store_backend
+    breaker = state.interface.breaker
     try:
-        facts = state.interface.ping()
+        with breaker.guard(opens=False):
+            facts = state.interface.ping()
     except SessionStoreUnavailable as exc:
+        reason = breaker.reason()
+        if reason is not None:
+            return {"status": "unavailable", "session_store": backend, "reason": reason}, 503
         logger.error("Readiness check failed: %s", exc)
         return {"status": "unavailable", "session_store": backend}, 503
     public = {key: value for key, value in facts.items() if key in PUBLIC_FACTS}

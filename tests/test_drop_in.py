@@ -501,7 +501,7 @@ def test_every_supported_type_round_trips_exactly(backend: Backend) -> None:
     ],
 )
 def test_an_unstorable_value_is_refused_and_the_stored_session_kept(
-    backend: Backend, case: str, named: str
+    backend: Backend, case: str, named: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = backend.app()
     browser = Browser(app)
@@ -513,7 +513,9 @@ def test_an_unstorable_value_is_refused_and_the_stored_session_kept(
     response = browser.get(f"/probe/refuse/{case}", headers={"Accept": "application/json"})
     assert response.status_code == 500
     assert response.json["error"] == "session_unstorable"
-    assert named in response.json["message"], response.json["message"]
+    assert named not in response.json["message"]  # the detail goes to the log line
+    assert named in caplog.text
+    assert response.json["correlation_id"] in caplog.text
     assert set_cookie_header(response) is None
 
     assert browser.cookie() == sid

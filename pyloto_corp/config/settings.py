@@ -33,6 +33,7 @@ class Var:
     GOOGLE_CLOUD_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
     SECRET_KEY: Final = "SECRET_KEY"  # noqa: S105 - a variable name, not a secret
     SESSION_STORE_BACKEND: Final = "SESSION_STORE_BACKEND"
+    SESSION_STORE_COOLDOWN: Final = "SESSION_STORE_COOLDOWN"
     SESSION_LIFETIME: Final = "SESSION_LIFETIME"
     SESSION_ABSOLUTE_LIFETIME: Final = "SESSION_ABSOLUTE_LIFETIME"
     SESSION_PERMANENT: Final = "SESSION_PERMANENT"
@@ -201,6 +202,9 @@ class Settings:
     #: Move the session to a new id when SESSION_USER_KEY appears or changes in a request that
     #: did not call rotate_session_id() (session fixation defence by default).
     session_rotate_on_login: bool = True
+    #: Seconds a process answers 503 at once after a store failure before one request tries
+    #: the store again (0: off, every request spends its own timeout).
+    session_store_cooldown: float = 1.0
     session_cookie_name: str = "session"
     #: ``None`` means "safe default": ``True`` when deployed (staging, production, Cloud Run).
     session_cookie_secure: bool | None = None
@@ -245,6 +249,7 @@ class Settings:
             "session_key_prefix": env.str(Var.SESSION_KEY_PREFIX, None),
             "session_user_key": env.str(Var.SESSION_USER_KEY, None),
             "session_rotate_on_login": env.bool(Var.SESSION_ROTATE_ON_LOGIN, None),
+            "session_store_cooldown": env.float(Var.SESSION_STORE_COOLDOWN, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
             "session_cookie_httponly": env.bool(Var.SESSION_COOKIE_HTTPONLY, None),
@@ -341,6 +346,11 @@ class Settings:
             problems.append(
                 f"{Var.SESSION_USER_KEY} must be 1 to 200 characters (default _user_id, the key "
                 "Flask-Login writes)."
+            )
+        if not 0 <= self.session_store_cooldown <= 60:  # also refuses NaN
+            problems.append(
+                f"{Var.SESSION_STORE_COOLDOWN} must be 0 (off) to 60 seconds (default 1): how "
+                "long a process answers 503 at once after the store failed."
             )
         problems += self._lifetime_problems()
         if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
@@ -471,6 +481,7 @@ class Settings:
             Var.SESSION_KEY_PREFIX: self.session_key_prefix,
             Var.SESSION_USER_KEY: self.session_user_key,
             Var.SESSION_ROTATE_ON_LOGIN: self.session_rotate_on_login,
+            Var.SESSION_STORE_COOLDOWN: self.session_store_cooldown,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -34,6 +35,7 @@ from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
 from ..errors import SessionGone, SessionStoreUnavailable, SessionTooLarge, UnstorableValue
 from . import codec
+from .breaker import DEFAULT_COOLDOWN, Breaker
 
 if TYPE_CHECKING:
     from environs import Env
@@ -166,6 +168,7 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "max_bytes": settings.session_max_bytes,
         "user_key": settings.session_user_key,
         "rotate_on_login": settings.session_rotate_on_login,
+        "cooldown": settings.session_store_cooldown,
     }
 
 
@@ -332,12 +335,15 @@ class StoreInterface(ServerSideSessionInterface):
         max_bytes: int = 512 * 1024,
         user_key: str = "_user_id",
         rotate_on_login: bool = True,
+        cooldown: float = DEFAULT_COOLDOWN,
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
         self.max_bytes = max_bytes
         self.user_key = user_key
         self.rotate_on_login = rotate_on_login
+        #: After a store failure, this process answers 503 at once for a cool-down (breaker.py).
+        self.breaker = Breaker(cooldown)
         self._client_lock = threading.Lock()
 
     # -- the contract: what each backend implements ------------------------------------------------
@@ -414,16 +420,16 @@ class StoreInterface(ServerSideSessionInterface):
             return self.new_session()
         store_id = self.store_id(sid)
         try:
-            record = self.read(store_id, app.permanent_session_lifetime)
-            if isinstance(record, Retired):
-                if record.live:
-                    return self.session_class(sid=sid, retired=record)
-                record = None
-            data = None if record is None else self.decode(record, store_id)
-            if data is not None and not self._within_absolute_lifetime(data, store_id):
-                data = None
-        except SessionStoreUnavailable as exc:
-            logger.error("%s", exc)
+            with self.breaker.guard():
+                record = self.read(store_id, app.permanent_session_lifetime)
+                if isinstance(record, Retired):
+                    if record.live:
+                        return self.session_class(sid=sid, retired=record)
+                    record = None
+                data = None if record is None else self.decode(record, store_id)
+                if data is not None and not self._within_absolute_lifetime(data, store_id):
+                    data = None
+        except SessionStoreUnavailable:
             stand_in = UnavailableSession(sid=self._generate_sid(self.sid_length))
             after_this_request(stand_in.after_view)
             return stand_in
@@ -480,10 +486,14 @@ class StoreInterface(ServerSideSessionInterface):
         assert isinstance(session, StoreSession)
         if session.accessed:
             response.vary.add("Cookie")
+            _keep_private(response)
+        # A write is refused at once while the store is failing (breaker.py); a read-only
+        # request's expiry slide is not: its data was read and its answer is made.
+        writes = session.modified or session.replaces is not None
         try:
-            self._write(app, session, response)
-        except SessionStoreUnavailable as exc:
-            logger.error("%s", exc)
+            with self.breaker.guard(admit=writes):
+                self._write(app, session, response)
+        except SessionStoreUnavailable:
             _replace(response, unavailable_response())
         except SessionGone:
             logger.warning(
@@ -492,11 +502,10 @@ class StoreInterface(ServerSideSessionInterface):
             )
             _replace(response, _error_response("session_ended", SESSION_ENDED_MESSAGE, 409))
         except (SessionTooLarge, UnstorableValue) as exc:
-            logger.error("%s", exc)
             error = (
                 "session_too_large" if isinstance(exc, SessionTooLarge) else "session_unstorable"
             )
-            _replace(response, _error_response(error, str(exc), 500))
+            _replace(response, _not_saved_response(error, exc))
 
     def _write(self, app: Flask, session: StoreSession, response: Response) -> None:
         lifetime = app.permanent_session_lifetime
@@ -643,6 +652,7 @@ class StoreInterface(ServerSideSessionInterface):
             partitioned=self.get_cookie_partitioned(app),
         )
         response.vary.add("Cookie")
+        _keep_private(response, no_store=True)
 
     def _delete_cookie(self, app: Flask, response: Response) -> None:
         response.delete_cookie(
@@ -655,6 +665,7 @@ class StoreInterface(ServerSideSessionInterface):
             partitioned=self.get_cookie_partitioned(app),
         )
         response.vary.add("Cookie")
+        _keep_private(response, no_store=True)
 
     def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
         if not dict.get(cast("dict[str, Any]", session), "_permanent", False):
@@ -746,14 +757,47 @@ def _unproxied(session: object) -> StoreSession:
     return current
 
 
-def _error_response(error: str, message: str, status: int) -> Response:
-    """JSON for clients that prefer it, plain text otherwise."""
+def _error_response(error: str, message: str, status: int, **extra: str) -> Response:
+    """JSON for clients that prefer it, plain text otherwise; never stored by a cache (it
+    answers one request of one session) nor sniffed as another content type."""
     if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
-        response = jsonify(error=error, message=message)
+        response = jsonify(error=error, message=message, **extra)
     else:
         response = Response(message + "\n", mimetype="text/plain")
     response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def _not_saved_response(error: str, exc: Exception) -> Response:
+    """500 for a session that could not be written. The body is generic: the detail names the
+    size limit, the backend and the session's own key names (user input, for nested dicts),
+    so it goes to the log line only, with the correlation id the body shows."""
+    correlation_id = secrets.token_hex(8)
+    logger.error(
+        "%s [correlation id %s]", exc, correlation_id, extra={"correlation_id": correlation_id}
+    )
+    message = f"The session could not be saved (correlation id {correlation_id})."
+    return _error_response(error, message, 500, correlation_id=correlation_id)
+
+
+def _keep_private(response: Response, *, no_store: bool = False) -> None:
+    """Keep an answer that depends on the session out of shared caches.
+
+    ``public`` (and ``s-maxage``, which only shared caches read) becomes ``private``: a view
+    may mark a page public, but once it read the session the page is this user's, and once it
+    sets or deletes the session cookie a shared cache would hand that cookie to the next
+    visitor. With ``no_store`` (the session cookie is set or deleted) nothing keeps the answer
+    at all, not even the browser. Stronger directives the view set (``no-store``,
+    ``no-cache``, a ``max-age`` for the browser) stay as they are.
+    """
+    cache_control = response.cache_control
+    cache_control.public = False
+    cache_control.s_maxage = None
+    cache_control.private = True
+    if no_store:
+        cache_control.no_store = True
 
 
 def _replace(response: Response, replacement: Response) -> None:

@@ -45,7 +45,7 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
-from ..errors import SessionStoreUnavailable, UnstorableValue
+from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable, UnstorableValue
 from . import codec
 from .base import (
     CLIENT_GIVEN,
@@ -213,6 +213,10 @@ def session_key(name: str) -> str:
     return base64.urlsafe_b64decode(name[1:].encode()).decode("utf-8", "surrogatepass")
 
 
+#: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then).
+NOT_ANSWERING = (google_exceptions.DeadlineExceeded, google_exceptions.RetryError)
+
+
 class FirestoreSessionInterface(StoreInterface):
     backend_name = FIRESTORE
 
@@ -276,7 +280,8 @@ class FirestoreSessionInterface(StoreInterface):
         except google_exceptions.AlreadyExists:
             raise
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
-            raise SessionStoreUnavailable(
+            silent = isinstance(exc, NOT_ANSWERING)
+            raise (SessionStoreNotAnswering if silent else SessionStoreUnavailable)(
                 f"Firestore session store (database {self.database!r}, collection "
                 f"{self.collection!r}) failed: {type(exc).__name__}"
             ) from None

@@ -44,7 +44,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from ..config.settings import REDIS, Settings, redact_url
-from ..errors import SessionStoreUnavailable
+from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable
 from . import codec
 from .base import (
     CLIENT_GIVEN,
@@ -409,6 +409,8 @@ class ClientErrors:
 
     store: tuple[type[Exception], ...] = STORE_ERRORS
     no_script: type[Exception] = redis.exceptions.NoScriptError
+    #: The server did not answer in time (connecting or reading); a refusal comes at once.
+    not_answering: tuple[type[Exception], ...] = (redis.exceptions.TimeoutError, TimeoutError)
 
 
 #: The clients this backend drives: anything else is refused at init, never replaced.
@@ -446,9 +448,9 @@ class RedisSessionInterface(StoreInterface):
         return self._client is not None
 
     def _unavailable(self, exc: Exception) -> SessionStoreUnavailable:
-        return SessionStoreUnavailable(
-            f"Redis session store at {self.display_url} failed: {describe_error(exc)}"
-        )
+        silent = isinstance(exc, self.errors.not_answering)
+        kind = SessionStoreNotAnswering if silent else SessionStoreUnavailable
+        return kind(f"Redis session store at {self.display_url} failed: {describe_error(exc)}")
 
     def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
         """One call into the client library: whatever it raises (its own errors, or a caller's
@@ -915,7 +917,8 @@ def check_client(client: object) -> tuple[Any, ClientErrors]:
         if isinstance(client, valkey.Valkey | valkey.cluster.ValkeyCluster):
             exceptions = valkey.exceptions
             store = (exceptions.ValkeyError, exceptions.ValkeyClusterException)
-            return client, ClientErrors(store, exceptions.NoScriptError)
+            silent = (exceptions.TimeoutError, TimeoutError)
+            return client, ClientErrors(store, exceptions.NoScriptError, silent)
     raise TypeError(
         f"client={type(client).__name__} cannot back the redis session store; pass a "
         "redis.Redis, redis.cluster.RedisCluster, valkey.Valkey or valkey.cluster.ValkeyCluster "

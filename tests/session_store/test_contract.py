@@ -132,7 +132,9 @@ def test_oversized_session_is_refused_and_the_stored_one_kept(
     assert response.status_code == 500
     assert response.json is not None
     assert response.json["error"] == "session_too_large"
-    assert "accepts at most 4,096" in response.json["message"]
+    # The detail (limit, backend) is in the log line named by the body's correlation id.
+    assert "4,096" not in response.json["message"]
+    assert response.json["correlation_id"] in response.json["message"]
     assert "Set-Cookie" not in response.headers
     assert backend.read_raw(app, backend.store_id(app, sid)) == before
     assert client.get("/session/counter").json == {"counter": 1}

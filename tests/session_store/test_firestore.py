@@ -166,7 +166,7 @@ def test_firestore_document_limit_applies_whatever_session_max_bytes(
     assert response.status_code == 500
     assert response.json is not None
     assert response.json["error"] == "session_too_large"
-    assert "accepts at most 1,044,480" in response.json["message"]
+    assert "1,044,480" not in response.json["message"]
     assert client.get("/session/counter").json == {"counter": 1}
     assert _doc(sessions, sid) is not None
 
@@ -268,5 +268,5 @@ def test_a_session_key_too_long_for_firestore_is_refused_at_write(
     assert response.status_code == 500
     assert response.json is not None
     assert response.json["error"] == "session_unstorable"
-    assert "longer than the firestore store accepts" in response.json["message"]
+    assert "firestore" not in response.json["message"]
     assert client.get("/session/counter").json == {"counter": 1}
