@@ -147,7 +147,13 @@ def test_redis_killed_and_restarted_under_load(
         # Every write acknowledged (200) before the crash is still there afterwards.
         final = []
         for cookie in cookies:
-            status, _, body = server.request("GET", "/session/counter", {"Cookie": cookie})
+            # A timeout late in the run (a loaded machine) leaves the process answering 503 at
+            # once for its cool-down (1 s): this checks durability, so wait that out.
+            for _attempt in range(4):
+                status, _, body = server.request("GET", "/session/counter", {"Cookie": cookie})
+                if status != 503:
+                    break
+                time.sleep(0.5)
             assert status == 200
             final.append(json.loads(body)["counter"])
     finally:
@@ -190,4 +196,5 @@ def test_firestore_emulator_stopped_and_restarted_under_load(
         server.stop()
         emulator.stop()
     with capsys.disabled():
-        _check("firestore", samples, down_at, up_at, recovery_limit=10)
+        # The emulator's restart dominates; the breaker adds at most its cool-down (1 s).
+        _check("firestore", samples, down_at, up_at, recovery_limit=11)
