@@ -98,9 +98,10 @@ HUNG_SECONDS = 10.0
 def test_sixteen_clients_against_a_hung_store_get_503s_in_time_and_recover(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Each request is answered within the timeout + 0.5 s (before the breaker, requests queued
-    behind others' timeouts waited up to 8 s); none is a 500; after SIGCONT requests succeed
-    within the 1 s cool-down; each worker logs one opening, not one line per request."""
+    """Each request is answered within the timeout + 0.5 s (with SESSION_STORE_COOLDOWN=0,
+    requests queued behind others' timeouts waited up to 3.1 s); none is a 500; after SIGCONT
+    requests succeed within the 1 s cool-down; each worker logs one opening, not one line per
+    request."""
     redis = RedisServer(tmp_path)
     redis.start()
     server = Gunicorn(
@@ -172,6 +173,7 @@ def test_sixteen_clients_against_a_hung_store_get_503s_in_time_and_recover(
     assert max(s.latency for s in samples) < BOUND, figures
     assert figures["unavailable_503"] > 50, figures
     assert recovered, figures
+    # At most one cool-down (1 s) plus one request: usually a probe is waiting on the store.
     assert recovered[0] < 1.0 + 0.2, figures
     # After the store is back, every client's requests succeed again.
     late = [s for s in samples if s.started >= up_at + 1.5]
@@ -303,7 +305,7 @@ def test_recovery_is_automatic_within_the_cooldown(
     print(f"\nBREAKER recovery after the store returned: {recovery:.3f} s")
     assert statuses[-1] == 200
     assert set(statuses[:-1]) <= {503}
-    assert recovery < 1.0 + 0.1
+    assert recovery < 1.0 + 0.25  # one cool-down plus one request
 
 
 def test_cooldown_zero_turns_the_breaker_off(
