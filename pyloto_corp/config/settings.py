@@ -443,13 +443,23 @@ class Settings:
             problems.append(f"{Var.SESSION_COOKIE_SAMESITE} must be Lax or Strict {where}.")
         return problems
 
+    @property
+    def session_service(self) -> str | None:
+        """The service whose sessions these are, stamped into each record and checked on read:
+        Cloud Run's service name when the key prefix is the shared default (two services on one
+        store would otherwise accept each other's cookies); None otherwise (a chosen prefix is
+        the isolation, and services that share one mean to share sessions)."""
+        if self.on_cloud_run and self.session_key_prefix == DEFAULT_KEY_PREFIX:
+            return self.cloud_run_service
+        return None
+
     def advice(self) -> list[str]:
         """What works but deserves a look (logged at init, printed by ``check``); pure."""
         if self.on_cloud_run and self.session_key_prefix == DEFAULT_KEY_PREFIX:
             return [
                 f"{Var.SESSION_KEY_PREFIX} is the default {DEFAULT_KEY_PREFIX!r} on Cloud Run: "
-                "services that share a store and a prefix accept each other's session cookies "
-                "and end each other's sessions at 'log out everywhere'; give each service its "
+                "each service's sessions are stamped with its name and another's are refused, "
+                "but they still share one 'log out everywhere' index; give each service its "
                 f"own prefix (for example {Var.SESSION_KEY_PREFIX}=session:"
                 f"{self.cloud_run_service}:) before its first deploy (changing it later ends "
                 "the sessions stored under the old prefix)."

@@ -52,7 +52,9 @@ CREATED_AT = "_created_at"
 #: What ``check`` and ``info`` show instead of a URL or project when the app passes its client.
 CLIENT_GIVEN = "client given by the app"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
-INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT})
+#: Session key holding the Cloud Run service that wrote it (``Settings.session_service``).
+SERVICE = "_service"
+INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE})
 #: How long the marker a login or a logout leaves where a session was (see :class:`Retired`)
 #: keeps answering for it: longer than any request that may still carry the old id.
 RETIRED_LINGER = timedelta(minutes=2)
@@ -168,6 +170,7 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "max_bytes": settings.session_max_bytes,
         "user_key": settings.session_user_key,
         "rotate_on_login": settings.session_rotate_on_login,
+        "service": settings.session_service,
         "cooldown": settings.session_store_cooldown,
     }
 
@@ -335,6 +338,7 @@ class StoreInterface(ServerSideSessionInterface):
         max_bytes: int = 512 * 1024,
         user_key: str = "_user_id",
         rotate_on_login: bool = True,
+        service: str | None = None,
         cooldown: float = DEFAULT_COOLDOWN,
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
@@ -342,6 +346,7 @@ class StoreInterface(ServerSideSessionInterface):
         self.max_bytes = max_bytes
         self.user_key = user_key
         self.rotate_on_login = rotate_on_login
+        self.service = service
         #: After a store failure, this process answers 503 at once for a cool-down (breaker.py).
         self.breaker = Breaker(cooldown)
         self._client_lock = threading.Lock()
@@ -427,7 +432,7 @@ class StoreInterface(ServerSideSessionInterface):
                         return self.session_class(sid=sid, retired=record)
                     record = None
                 data = None if record is None else self.decode(record, store_id)
-                if data is not None and not self._within_absolute_lifetime(data, store_id):
+                if data is not None and not self._is_ours(data, store_id):
                     data = None
         except SessionStoreUnavailable:
             stand_in = UnavailableSession(sid=self._generate_sid(self.sid_length))
@@ -454,6 +459,19 @@ class StoreInterface(ServerSideSessionInterface):
                 "Discarded undecodable session data at %s; starting a fresh session", store_id
             )
             return None
+
+    def _is_ours(self, data: dict[str, Any], store_id: str) -> bool:
+        """A record another service stamped (one store, one default prefix) is ignored, never
+        deleted; then the absolute timeout."""
+        owner = data.get(SERVICE)
+        if self.service is not None and owner is not None and owner != self.service:
+            logger.warning(
+                "Ignored session %s of another service sharing this store and key prefix; "
+                "give each service its own SESSION_KEY_PREFIX",
+                store_id,
+            )
+            return False
+        return self._within_absolute_lifetime(data, store_id)
 
     def _within_absolute_lifetime(self, data: dict[str, Any], store_id: str) -> bool:
         """Past the absolute timeout: the record is deleted. Created in the future beyond the
@@ -536,6 +554,8 @@ class StoreInterface(ServerSideSessionInterface):
                 self.regenerate(session)
         if CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
+        if self.service is not None and SERVICE not in session:
+            dict.__setitem__(session, SERVICE, self.service)
         fields = self.encode(session)
         rewritten = session.stored is None
         if session.stored is not None:
