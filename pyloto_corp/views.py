@@ -11,7 +11,16 @@ from .session_store import SessionStore, end_session, rotate_session_id
 
 bp = Blueprint("pyloto_corp", __name__)
 #: What /readyz may tell anyone who asks: shape, not whereabouts.
-PUBLIC_FACTS = frozenset({"topology", "primaries", "primaries_answering", "slots_covered"})
+PUBLIC_FACTS = frozenset(
+    {
+        "topology",
+        "primaries",
+        "primaries_answering",
+        "slots_covered",
+        "maxmemory_policy",
+        "maxmemory_policy_warning",
+    }
+)
 logger = logging.getLogger("pyloto_corp.session_store")
 
 

@@ -36,6 +36,7 @@ class Var:
     SESSION_STORE_COOLDOWN: Final = "SESSION_STORE_COOLDOWN"
     SESSION_LIFETIME: Final = "SESSION_LIFETIME"
     SESSION_ABSOLUTE_LIFETIME: Final = "SESSION_ABSOLUTE_LIFETIME"
+    SESSION_ANONYMOUS_LIFETIME: Final = "SESSION_ANONYMOUS_LIFETIME"
     SESSION_PERMANENT: Final = "SESSION_PERMANENT"
     SESSION_ID_LENGTH: Final = "SESSION_ID_LENGTH"
     SESSION_MAX_BYTES: Final = "SESSION_MAX_BYTES"
@@ -85,6 +86,8 @@ DEFAULT_KEY_PREFIX: Final = "session:"
 NOT_A_CHOICE: Final = "(not one of the allowed values)"
 #: Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer lifetimes mean nothing.
 MAX_LIFETIME: Final = timedelta(days=400)
+#: Idle timeout of a session without a user, unless SESSION_ANONYMOUS_LIFETIME says otherwise.
+DEFAULT_ANONYMOUS_LIFETIME: Final = timedelta(minutes=30)
 REDACTED: Final = "***"
 #: RFC 6265 cookie-name token: visible ASCII except separators.
 _COOKIE_NAME_SEPARATORS: Final = frozenset('()<>@,;:\\"/[]?={} \t')
@@ -187,6 +190,9 @@ class Settings:
     secret_key: str | bytes | None = None
     #: Idle timeout: a session not used for this long expires (sliding on every use).
     session_lifetime: timedelta = timedelta(hours=12)
+    #: Idle timeout of a session without a user (no ``SESSION_USER_KEY``): None means 30 minutes,
+    #: or ``session_lifetime`` when that is shorter (see :attr:`anonymous_lifetime`).
+    session_anonymous_lifetime: timedelta | None = None
     #: Absolute timeout: a session ends this long after it began, however active.
     session_absolute_lifetime: timedelta = timedelta(days=7)
     #: False (Flask's own default): the cookie lasts until the browser closes, and Flask-Login's
@@ -243,6 +249,7 @@ class Settings:
             "secret_key": env.str(Var.SECRET_KEY, None),
             "session_lifetime": env.timedelta(Var.SESSION_LIFETIME, None),
             "session_absolute_lifetime": env.timedelta(Var.SESSION_ABSOLUTE_LIFETIME, None),
+            "session_anonymous_lifetime": env.timedelta(Var.SESSION_ANONYMOUS_LIFETIME, None),
             "session_permanent": env.bool(Var.SESSION_PERMANENT, None),
             "session_id_length": env.int(Var.SESSION_ID_LENGTH, None),
             "session_max_bytes": env.int(Var.SESSION_MAX_BYTES, None),
@@ -300,6 +307,15 @@ class Settings:
         if self.trusted_proxy_hops is None:
             return 1 if self.on_cloud_run else 0
         return self.trusted_proxy_hops
+
+    @property
+    def anonymous_lifetime(self) -> timedelta:
+        """The effective idle timeout of a session without a user: short, so that requests
+        without a cookie (each creates a session when its view writes one, a CSRF token) cannot
+        fill the store for the users' full lifetime."""
+        if self.session_anonymous_lifetime is None:
+            return min(DEFAULT_ANONYMOUS_LIFETIME, self.session_lifetime)
+        return self.session_anonymous_lifetime
 
     @property
     def cookie_secure(self) -> bool:
@@ -378,6 +394,13 @@ class Settings:
             problems.append(
                 f"{Var.SESSION_ABSOLUTE_LIFETIME} must be at least {Var.SESSION_LIFETIME} "
                 "(the absolute timeout cannot end a session before its idle timeout)."
+            )
+        anonymous = self.session_anonymous_lifetime
+        if anonymous is not None and not timedelta(0) < anonymous <= lifetime:
+            problems.append(
+                f"{Var.SESSION_ANONYMOUS_LIFETIME} must be a positive duration of at most "
+                f"{Var.SESSION_LIFETIME} (for example 30m or 1800; default 30 minutes): it is the "
+                "idle timeout of sessions without a signed-in user."
             )
         return problems
 
@@ -485,6 +508,7 @@ class Settings:
             Var.SECRET_KEY: secret(self.secret_key),
             Var.SESSION_LIFETIME: int(self.session_lifetime.total_seconds()),
             Var.SESSION_ABSOLUTE_LIFETIME: int(self.session_absolute_lifetime.total_seconds()),
+            Var.SESSION_ANONYMOUS_LIFETIME: int(self.anonymous_lifetime.total_seconds()),
             Var.SESSION_PERMANENT: self.session_permanent,
             Var.SESSION_ID_LENGTH: self.session_id_length,
             Var.SESSION_MAX_BYTES: self.session_max_bytes,

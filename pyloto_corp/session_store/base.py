@@ -61,6 +61,9 @@ RETIRED_LINGER = timedelta(minutes=2)
 #: Another instance's clock may run ahead of ours: a creation time up to this far in the future
 #: is accepted; beyond it the session is ignored (not deleted: it may be valid elsewhere).
 CLOCK_SKEW_TOLERANCE = 300
+#: Starts the id of a session without a user (``.`` is not in an id's base64url alphabet, so no
+#: earlier id has it). See :meth:`StoreInterface.idle_lifetime`.
+ANONYMOUS_SID_MARK = "a."
 
 
 class StoreOptions(ABC):
@@ -167,6 +170,7 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "permanent": settings.session_permanent,
         "sid_length": settings.session_id_length,
         "absolute_lifetime": settings.session_absolute_lifetime,
+        "anonymous_lifetime": settings.anonymous_lifetime,
         "max_bytes": settings.session_max_bytes,
         "user_key": settings.session_user_key,
         "rotate_on_login": settings.session_rotate_on_login,
@@ -200,6 +204,11 @@ def user_session(
 def record_size(fields: Mapping[str, bytes]) -> int:
     """Bytes a record takes: its keys and encoded values (what SESSION_MAX_BYTES limits)."""
     return sum(len(key.encode("utf-8", "surrogatepass")) + len(raw) for key, raw in fields.items())
+
+
+def is_anonymous_sid(sid: str) -> bool:
+    """Whether ``sid`` is the id of a session without a user (its idle timeout is short)."""
+    return sid.startswith(ANONYMOUS_SID_MARK)
 
 
 def hashed_store_id(key_prefix: str, sid: str) -> str:
@@ -308,9 +317,11 @@ def answer_store_unavailable(exc: SessionStoreUnavailable) -> Response:
 class StoreInterface(ServerSideSessionInterface):
     """Flask-Session's server-side interface with one straight open → save path.
 
-    - Idle timeout: the store's expiry, ``app.permanent_session_lifetime`` read per request and
-      slid by every read. Absolute timeout: ``_created_at`` in the session; past
-      ``absolute_lifetime`` the session ends whatever its activity. The cookie expires at that
+    - Idle timeout: the store's expiry, slid by every read and write: the full one
+      (``app.permanent_session_lifetime``, read per request) for a signed-in session,
+      ``anonymous_lifetime`` for one without a user (see :meth:`idle_lifetime`). Absolute
+      timeout: ``_created_at`` in the session; past ``absolute_lifetime`` the session ends
+      whatever its activity. The cookie expires at that
       absolute time, so it is set only when the session changes, never just to slide it.
     - Only a modified session is written, and only the keys whose encoded value changed (or
       that were deleted), merged atomically into the stored record: two requests of one session
@@ -340,9 +351,11 @@ class StoreInterface(ServerSideSessionInterface):
         rotate_on_login: bool = True,
         service: str | None = None,
         cooldown: float = DEFAULT_COOLDOWN,
+        anonymous_lifetime: timedelta = timedelta(minutes=30),
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
+        self.anonymous_lifetime = anonymous_lifetime
         self.max_bytes = max_bytes
         self.user_key = user_key
         self.rotate_on_login = rotate_on_login
@@ -426,7 +439,7 @@ class StoreInterface(ServerSideSessionInterface):
         store_id = self.store_id(sid)
         try:
             with self.breaker.guard():
-                record = self.read(store_id, app.permanent_session_lifetime)
+                record = self.read(store_id, self.idle_lifetime(app, sid))
                 if isinstance(record, Retired):
                     if record.live:
                         return self.session_class(sid=sid, retired=record)
@@ -443,7 +456,8 @@ class StoreInterface(ServerSideSessionInterface):
         return self.session_class(data, sid=sid, stored=record, owner=self.user_of(data))
 
     def new_session(self) -> StoreSession:
-        return self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
+        sid = ANONYMOUS_SID_MARK + self._generate_sid(self.sid_length)  # no user yet
+        return self.session_class(sid=sid, permanent=self.permanent)
 
     @staticmethod
     def decode(record: Record, store_id: str) -> dict[str, Any] | None:
@@ -526,7 +540,7 @@ class StoreInterface(ServerSideSessionInterface):
             _replace(response, _not_saved_response(error, exc))
 
     def _write(self, app: Flask, session: StoreSession, response: Response) -> None:
-        lifetime = app.permanent_session_lifetime
+        lifetime = self.idle_lifetime(app, session.sid)
         store_id = self.store_id(session.sid)
         if session.retired is not None:
             # The cookie's id was retired by a login or a logout while this request ran (or
@@ -552,6 +566,10 @@ class StoreInterface(ServerSideSessionInterface):
                 # A user signed in (or another took over) without rotate_session_id(): an id
                 # planted or seen before login must not become a signed-in session.
                 self.regenerate(session)
+        if session.stored is not None and not self._id_fits(session):
+            # Signed in without rotate_session_id(), and SESSION_ROTATE_ON_LOGIN=false: the
+            # session still moves to a signed-in id, whose reads slide the full timeout.
+            self.regenerate(session)
         if CREATED_AT not in session:
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         if self.service is not None and SERVICE not in session:
@@ -566,7 +584,7 @@ class StoreInterface(ServerSideSessionInterface):
             elif not self.update(store_id, changes, lifetime, session.stored):
                 raise SessionGone
         else:
-            self._create(session, fields, lifetime)
+            self._create(app, session, fields)
             store_id = self.store_id(session.sid)
         if session.replaces is not None:
             # After the new record exists: a login that failed leaves the old session intact.
@@ -620,15 +638,17 @@ class StoreInterface(ServerSideSessionInterface):
         if session.replaces is not None:
             yield session.replaces
 
-    def _create(
-        self, session: StoreSession, fields: Mapping[str, bytes], lifetime: timedelta
-    ) -> None:
-        """A taken id is never overwritten: the session gets a fresh id instead (256-bit ids
-        make this theoretical)."""
+    def _create(self, app: Flask, session: StoreSession, fields: Mapping[str, bytes]) -> None:
+        """A new record, under an id of the session's kind (its id was never sent yet). A taken
+        id is never overwritten: the session gets a fresh id instead (256-bit ids make this
+        theoretical)."""
+        if is_anonymous_sid(session.sid) != (self.user_of(session) is None):
+            session.sid = self._new_sid(session)
+        lifetime = self.idle_lifetime(app, session.sid)
         for _ in range(3):
             if self.create(self.store_id(session.sid), fields, lifetime):
                 return
-            session.sid = self._generate_sid(self.sid_length)
+            session.sid = self._new_sid(session)
         raise SessionStoreUnavailable(f"{self.backend_name} store: could not allocate a session id")
 
     def encode(self, session: StoreSession) -> dict[str, bytes]:
@@ -724,6 +744,40 @@ class StoreInterface(ServerSideSessionInterface):
         session.clear()
         dict.pop(session, CREATED_AT, None)
         session.modified = True
+
+    # -- idle timeouts: signed-in and anonymous sessions -----------------------------------------
+
+    def idle_lifetime(self, app: Flask, sid: str) -> timedelta:
+        """The idle timeout every read and write of session ``sid`` slides: the full one
+        (``app.permanent_session_lifetime``) for a signed-in session, ``anonymous_lifetime``
+        (never longer) for a session without ``SESSION_USER_KEY``.
+
+        The kind is in the id (:data:`ANONYMOUS_SID_MARK`), because a read slides the expiry
+        before the session is decoded (Redis ``GETEX key EX ttl``, one round trip): the cookie
+        alone must say which timeout applies. A new record gets an id of its session's kind; an
+        anonymous session that gains its user (a login without ``rotate_session_id()``) moves
+        to a signed-in id at the end of that request, as a rotation would. So a request without
+        a cookie creates a record that lives the short timeout however often its cookie is sent
+        back, a signed-in user's read never shortens theirs, and every read stays one round
+        trip. A signed-in id keeps the full timeout when its user goes without
+        ``end_session()`` (which gives a new, anonymous id), and an id of an earlier release
+        (no mark) is a signed-in one: no deploy shortens anyone's session; neither kind can be
+        made by a request without a login. The kind cannot be forged: the store key hashes the
+        whole id, mark included.
+        """
+        full = app.permanent_session_lifetime
+        if is_anonymous_sid(sid):
+            return min(self.anonymous_lifetime, full)
+        return full
+
+    def _id_fits(self, session: StoreSession) -> bool:
+        """False for an anonymous id whose session has a user (it must move); a signed-in id
+        fits any session (one whose user went keeps its id and its timeout)."""
+        return not is_anonymous_sid(session.sid) or self.user_of(session) is None
+
+    def _new_sid(self, session: StoreSession) -> str:
+        sid: str = self._generate_sid(self.sid_length)
+        return ANONYMOUS_SID_MARK + sid if self.user_of(session) is None else sid
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -379,13 +379,14 @@ class FirestoreSessionInterface(StoreInterface):
         return True
 
     def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
-        """Slide the stored expiry when it is more than the refresh interval stale."""
+        """Slide the stored expiry when it is more than the refresh interval stale (for a
+        shorter, anonymous lifetime, the same fraction of it: 3 min of 30 with the defaults)."""
         now = _now()
         expires_at = stored.version
-        if (
-            not isinstance(expires_at, datetime)
-            or now + lifetime - expires_at < self.refresh_interval
-        ):
+        interval, full = self.refresh_interval, self.app.permanent_session_lifetime
+        if timedelta(0) < lifetime < full:
+            interval = interval * (lifetime / full)
+        if not isinstance(expires_at, datetime) or now + lifetime - expires_at < interval:
             return
         self._update(store_id, {"expires_at": now + lifetime, "updated_at": now})
 

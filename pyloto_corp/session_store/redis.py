@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import socket
 import ssl
 import struct
@@ -61,6 +62,8 @@ from .base import (
 
 if TYPE_CHECKING:
     from environs import Env
+
+logger = logging.getLogger("pyloto_corp.session_store")
 
 REDIS_URL = "REDIS_URL"
 REDIS_SOCKET_TIMEOUT = "REDIS_SOCKET_TIMEOUT"
@@ -596,16 +599,56 @@ class RedisSessionInterface(StoreInterface):
 
     def ping(self) -> dict[str, object]:
         """The topology, proven to answer: every primary of a cluster (and all 16384 slots
-        covered), the current primary of a Sentinel service."""
+        covered), the current primary of a Sentinel service; and the eviction policy (see
+        :meth:`_eviction_facts`)."""
         client: Any = self.client
         if hasattr(client, "get_primaries"):  # RedisCluster, ValkeyCluster
-            return self._ping_cluster(client)
+            facts = self._ping_cluster(client)
+            return facts | self._eviction_facts(
+                lambda: client.info("memory", target_nodes=type(client).PRIMARIES)
+            )
         self._call(client.ping)
         pool = getattr(client, "connection_pool", None)
         if isinstance(pool, SentinelConnectionPool):
             host, port = self._call(pool.get_master_address)
-            return {"topology": "sentinel", "primary": f"{host}:{port}"}
-        return {"topology": "standalone"}
+            facts = {"topology": "sentinel", "primary": f"{host}:{port}"}
+        else:
+            facts = {"topology": "standalone"}
+        return facts | self._eviction_facts(lambda: client.info("memory"))
+
+    _policy_warned = False
+
+    def _eviction_facts(self, info_memory: Callable[[], Any]) -> dict[str, object]:
+        """``maxmemory_policy`` as ``INFO memory`` reports it (INFO needs no CONFIG permission,
+        which Memorystore and ACL users lack; a server that refuses INFO too says ``unknown``).
+        A policy that may evict signed-in users' sessions while anonymous ones remain (any
+        LRU, LFU or random one, Memorystore's default ``volatile-lru`` included) adds a
+        ``maxmemory_policy_warning`` and is logged once per process: ``volatile-ttl`` evicts
+        the shortest-lived keys first, which are the anonymous sessions."""
+        try:
+            reply = info_memory()
+        except self.errors.store as exc:
+            if not _is_refusal(exc):
+                raise self._unavailable(exc) from None
+            return {"maxmemory_policy": "unknown (INFO refused)"}
+        except Exception as exc:
+            raise self._unavailable(exc) from None
+        # A cluster answers per primary ({node: info}); one server answers its info.
+        infos = [reply] if "maxmemory_policy" in reply else list(reply.values())
+        policies = sorted({str(info.get("maxmemory_policy", "unknown")) for info in infos})
+        facts: dict[str, object] = {"maxmemory_policy": ",".join(policies)}
+        risky = [policy for policy in policies if policy.endswith(EVICTS_BY_USE)]
+        if risky:
+            warning = (
+                f"maxmemory-policy {','.join(risky)} may evict signed-in users' sessions (logging "
+                "them out) while anonymous ones remain when the store is full; set "
+                "maxmemory-policy volatile-ttl (anonymous sessions, the shortest-lived, go first)"
+            )
+            facts["maxmemory_policy_warning"] = warning
+            if not self._policy_warned:
+                self._policy_warned = True
+                logger.warning("Redis session store at %s: %s", self.display_url, warning)
+        return facts
 
     def _ping_cluster(self, client: Any) -> dict[str, object]:
         primaries = self._call(client.get_primaries)
@@ -631,6 +674,18 @@ class RedisSessionInterface(StoreInterface):
                 "covered)"
             )
         return facts
+
+
+#: Eviction policies that choose by use (or at random), not by expiry: under memory pressure
+#: they evict a signed-in user who has been idle a while before a flood of fresh anonymous
+#: sessions.
+EVICTS_BY_USE: Final = ("-lru", "-lfu", "-random")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The server refused the command (an ACL without it, a managed service that renamed it),
+    as opposed to not answering: redis-py's and valkey-py's ResponseError and subclasses."""
+    return any(cls.__name__ == "ResponseError" for cls in type(exc).__mro__)
 
 
 def parse_record(data: bytes) -> dict[str, bytes]:

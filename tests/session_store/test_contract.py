@@ -15,6 +15,7 @@ from flask import Flask, Response, request, session
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore, rotate_session_id
+from pyloto_corp.session_store.base import ANONYMOUS_SID_MARK
 from tests.conftest import MakeApp
 from tests.session_store.conftest import HARNESSES, Harness, sid_of
 
@@ -399,8 +400,10 @@ def test_session_ids_are_256_bits_from_secrets(
 
     monkeypatch.setattr(secrets, "token_urlsafe", spy)
     sid = sid_of(backend.make().test_client().post("/session/counter"))
-    assert issued[sid] == 32
-    assert len(sid) == 43  # 32 bytes, base64url without padding
+    token = sid.removeprefix(ANONYMOUS_SID_MARK)  # no user yet: the id says so
+    assert sid != token
+    assert issued[token] == 32
+    assert len(token) == 43  # 32 bytes, base64url without padding
 
 
 def test_a_session_stored_by_the_previous_release_keeps_working(

@@ -276,6 +276,7 @@ def test_a_valkey_cluster_client_reports_its_topology(redis_cluster: RedisCluste
         "primaries": 3,
         "primaries_answering": 3,
         "slots_covered": 16384,
+        "maxmemory_policy": "noeviction",  # INFO memory of every primary
     }
     client.close()
 

@@ -27,7 +27,9 @@ def _measure(client: redis.Redis, request: object) -> dict[str, int]:
 
 @pytest.fixture
 def app(make_app: MakeApp, redis_env: dict[str, str]) -> Flask:
-    return make_app(**redis_env, SESSION_LIFETIME="1h")
+    # Anonymous sessions too get the full hour here (tests/session_store/test_anonymous.py
+    # covers the shorter timeout of sessions without a user).
+    return make_app(**redis_env, SESSION_LIFETIME="1h", SESSION_ANONYMOUS_LIFETIME="1h")
 
 
 def test_commands_per_request(app: Flask, redis_client: redis.Redis) -> None:
