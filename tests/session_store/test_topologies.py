@@ -140,7 +140,12 @@ def test_valkey_readyz_reports_a_standalone_store(valkey: Harness) -> None:
     app = valkey.make()
     response = app.test_client().get("/readyz")
     assert response.status_code == 200
-    assert response.json == {"status": "ready", "session_store": "redis", "topology": "standalone"}
+    assert response.json == {
+        "status": "ready",
+        "session_store": "redis",
+        "topology": "standalone",
+        "maxmemory_policy": "noeviction",
+    }
 
 
 # -- sentinel ----------------------------------------------------------------------------------
@@ -196,10 +201,19 @@ def test_sentinel_ping_names_the_primary_but_readyz_does_not(
     host, port = sentinel_group.primary_address()
     app = _sentinel_app(make_app, sentinel_group)
     facts = SessionStore.state(app).interface.ping()
-    assert facts == {"topology": "sentinel", "primary": f"{host}:{port}"}
+    assert facts == {
+        "topology": "sentinel",
+        "primary": f"{host}:{port}",
+        "maxmemory_policy": "noeviction",
+    }
     response = app.test_client().get("/readyz")
     assert response.status_code == 200
-    assert response.json == {"status": "ready", "session_store": "redis", "topology": "sentinel"}
+    assert response.json == {
+        "status": "ready",
+        "session_store": "redis",
+        "topology": "sentinel",
+        "maxmemory_policy": "noeviction",
+    }
     body = response.get_data(as_text=True)
     assert str(port) not in body
     assert host not in body
@@ -216,7 +230,8 @@ def test_sentinel_ping_names_the_primary_but_readyz_does_not(
     )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.startswith("redis answered in "), cli.stdout
-    assert cli.stdout.rstrip().endswith(f", topology sentinel, primary {host}:{port}"), cli.stdout
+    expected = f", topology sentinel, primary {host}:{port}, maxmemory_policy noeviction"
+    assert cli.stdout.rstrip().endswith(expected), cli.stdout
 
 
 CLIENTS = 4
