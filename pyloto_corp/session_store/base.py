@@ -321,8 +321,8 @@ class StoreInterface(ServerSideSessionInterface):
       (``app.permanent_session_lifetime``, read per request) for a signed-in session,
       ``anonymous_lifetime`` for one without a user (see :meth:`idle_lifetime`). Absolute
       timeout: ``_created_at`` in the session; past ``absolute_lifetime`` the session ends
-      whatever its activity. The cookie expires at that
-      absolute time, so it is set only when the session changes, never just to slide it.
+      whatever its activity. The cookie expires at that absolute time, so it is set only when
+      the session changes, never just to slide it.
     - Only a modified session is written, and only the keys whose encoded value changed (or
       that were deleted), merged atomically into the stored record: two requests of one session
       changing different keys both land; the same key changed by both ends as the last write's

@@ -22,7 +22,14 @@ from tests.services import free_port
 
 @pytest.fixture
 def app(make_app: MakeApp, firestore_env: dict[str, str]) -> Flask:
-    return make_app(**firestore_env, SESSION_LIFETIME="1h", FIRESTORE_REFRESH_INTERVAL="5m")
+    # Anonymous sessions too get the full hour here (tests/session_store/test_anonymous.py
+    # covers the shorter timeout of sessions without a user).
+    return make_app(
+        **firestore_env,
+        SESSION_LIFETIME="1h",
+        SESSION_ANONYMOUS_LIFETIME="1h",
+        FIRESTORE_REFRESH_INTERVAL="5m",
+    )
 
 
 @pytest.fixture
