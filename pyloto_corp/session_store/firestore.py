@@ -22,14 +22,20 @@ blob: a document with ``fields`` is read from ``fields``.
   is unavailable, a 503 with the database named in the log.
 - The client is created on first use in the serving process: gRPC must not be initialised before
   gunicorn forks its workers.
+- Time comes from the real clock, also in a test that froze ``time`` and ``datetime``
+  (freezegun): the stored expiry is compared by Firestore's TTL policy and by other processes,
+  and the call budget must run out.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import re
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -182,8 +188,35 @@ class Options(StoreOptions):
         }
 
 
+def _real_time() -> float:
+    """Seconds since the epoch from the system clock. freezegun (common in apps' test suites)
+    patches ``time.time``, ``time.monotonic`` and ``datetime``, not ``clock_gettime``."""
+    if sys.platform == "win32":
+        return time.time()
+    return time.clock_gettime(time.CLOCK_REALTIME)
+
+
+def _real_monotonic() -> float:
+    if sys.platform == "win32":
+        return time.monotonic()
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """Now on the real clock: what Firestore's TTL policy and every other process compare the
+    stored ``expires_at`` with."""
+    return datetime.fromtimestamp(_real_time(), UTC)
+
+
+#: Backoff between retries of a transient error (seconds).
+RETRY_INITIAL, RETRY_MAXIMUM = 0.05, 0.5
+
+
+def _retryable(deadline: float, exc: Exception) -> bool:
+    """A transient error, with time left for another attempt before ``deadline`` (real
+    monotonic seconds; google-api-core's own budget reads ``time.monotonic()``, which a frozen
+    clock stops)."""
+    return bool(if_transient_error(exc)) and _real_monotonic() + RETRY_MAXIMUM < deadline
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
@@ -237,8 +270,6 @@ class FirestoreSessionInterface(StoreInterface):
         self.collection = collection
         self.timeout = timeout
         self.refresh_interval = refresh_interval
-        # Transient errors only (unavailable, internal, too many requests), within the deadline.
-        self.retry = Retry(predicate=if_transient_error, initial=0.05, maximum=0.5, timeout=timeout)
         self._client_factory = client_factory
 
     # -- client ------------------------------------------------------------------------------------
@@ -265,10 +296,22 @@ class FirestoreSessionInterface(StoreInterface):
         missing_is_gone: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run one operation within the timeout. ``NotFound`` is re-raised only where it means
+        """Run one operation within the timeout, retrying transient errors (unavailable, internal,
+        too many requests) while time is left. ``NotFound`` is re-raised only where it means
         "this session is gone" (``missing_is_gone``); elsewhere the database is missing."""
+        deadline = _real_monotonic() + self.timeout
+        retry = Retry(
+            predicate=functools.partial(_retryable, deadline),
+            initial=RETRY_INITIAL,
+            maximum=RETRY_MAXIMUM,
+            timeout=None,
+        )
+        # gRPC turns the timeout into a deadline by adding it to ``time.time()``: under a clock
+        # frozen in the past that deadline has already passed. Add how far behind it is (a clock
+        # frozen ahead only makes the deadline later; the retry budget above still holds).
+        timeout = self.timeout + max(0.0, _real_time() - time.time())
         try:
-            return operation(*args, retry=self.retry, timeout=self.timeout, **kwargs)
+            return operation(*args, retry=retry, timeout=timeout, **kwargs)
         except google_exceptions.NotFound:
             if missing_is_gone:
                 raise
