@@ -219,6 +219,8 @@ def _retryable(deadline: float, exc: Exception) -> bool:
     return bool(if_transient_error(exc)) and _real_monotonic() + RETRY_MAXIMUM < deadline
 
 
+#: What follows SESSION_KEY_PREFIX in a session's document id (``hashed_store_id``).
+_HASHED_ID = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 _ENCODED = "~"
 
@@ -468,9 +470,19 @@ class FirestoreSessionInterface(StoreInterface):
     # -- the user index: the ``user`` field, queried with an equality filter -----------------------
 
     def _user_documents(self, user: str) -> list[Any]:
+        """The user's session documents of this service. The query (one equality filter: the
+        default single-field index serves it) also finds those of other services sharing the
+        collection under another SESSION_KEY_PREFIX; only this prefix's ids are kept."""
         collection = self.client.collection(self.collection)
         query = collection.where(filter=FieldFilter(USER_FIELD, "==", user))
-        return list(self._call(query.get))
+        return [snapshot for snapshot in self._call(query.get) if self._owns(snapshot.id)]
+
+    def _owns(self, store_id: str) -> bool:
+        """Whether a document id is one of this service's sessions: the prefix, then a sha256 in
+        hex and nothing more (a prefix may begin another one: ``session:`` and ``session:b:``)."""
+        return store_id.startswith(self.key_prefix) and bool(
+            _HASHED_ID.fullmatch(store_id, len(self.key_prefix))
+        )
 
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
         now = _now()
