@@ -2,7 +2,8 @@
 
 Document ``{collection}/{prefix}{sha256(session id)}`` holds ``fields`` (a map: one entry per
 session key, its encoded value), ``expires_at`` (a timestamp a Firestore TTL policy can delete
-on), ``updated_at`` and ``user`` (for "log out everywhere"). A document an earlier release wrote
+on), ``updated_at`` and ``user`` (for "log out everywhere": the query on it keeps only ids of
+this prefix, as services may share a collection). A document an earlier release wrote
 holds the session as one blob in ``data``: it is read, and rewritten as ``fields`` (``data``
 removed) on its next change. Two field names, so that an instance of the earlier release writing
 ``data`` during a rolling deploy can never have a merge of ``fields.<key>`` applied on top of its
@@ -197,6 +198,7 @@ def _real_time() -> float:
 
 
 def _real_monotonic() -> float:
+    """A monotonic clock freezegun does not stop, for the retry budget."""
     if sys.platform == "win32":
         return time.monotonic()
     return time.clock_gettime(time.CLOCK_MONOTONIC)

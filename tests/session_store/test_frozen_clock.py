@@ -151,3 +151,16 @@ def test_unreachable_firestore_under_a_frozen_clock_answers_503_within_the_timeo
     assert not worker.is_alive(), "the request was still retrying after 10 s"
     assert time.perf_counter() - started < 3
     assert [response.status_code for response in responses] == [503]
+
+
+@pytest.mark.parametrize("when", [PAST, FUTURE])
+def test_an_app_that_makes_freezegun_ignore_the_google_modules_still_works(
+    make_app: MakeApp, firestore_env: dict[str, str], when: str
+) -> None:
+    """Some apps already exclude the Google client from freezegun: gRPC then sees the real
+    clock while this package sees the frozen one."""
+    app = make_app(**firestore_env, FIRESTORE_TIMEOUT="2")
+    with freeze_time(when, ignore=["grpc", "google"]):
+        client = app.test_client()
+        assert client.post("/session/counter", headers=JSON).json == {"counter": 1}
+        assert client.post("/session/counter", headers=JSON).json == {"counter": 2}
