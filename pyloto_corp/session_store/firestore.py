@@ -86,10 +86,13 @@ LEGACY_DATA = "data"
 #: Firestore caps a field name at 1,500 bytes; an encoded key name stays well under it.
 MAX_KEY_BYTES = 1000
 #: The marker a login or a logout leaves (``base.Retired``) is a document of its own, this
-#: suffix after the session's id, with ``expires_at`` and ``retired_to`` (the successor's id):
-#: deleting the session document keeps ``update()``'s exists precondition the test of "gone".
+#: suffix after the session's id, with ``expires_at`` (on the real clock), ``retired_to`` (the
+#: successor's id) and ``retired_until`` (``Retired.until``, on the app's clock, which a test
+#: may have frozen): deleting the session document keeps ``update()``'s exists precondition the
+#: test of "gone".
 RETIRED_SUFFIX = "~retired"
 RETIRED_TO = "retired_to"
+RETIRED_UNTIL = "retired_until"
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -366,10 +369,13 @@ class FirestoreSessionInterface(StoreInterface):
         """The marker left at a retired id: a second read, only for an id with no session."""
         snapshot = self._call(self._document(store_id + RETIRED_SUFFIX).get)
         document = (snapshot.to_dict() or {}) if snapshot.exists else {}
-        until, successor = document.get("expires_at"), document.get(RETIRED_TO)
-        if not isinstance(until, datetime) or until <= _now():
+        expires_at, successor = document.get("expires_at"), document.get(RETIRED_TO)
+        if not isinstance(expires_at, datetime) or expires_at <= _now():
             return None
-        return Retired(successor if isinstance(successor, str) else None, until.timestamp())
+        until = document.get(RETIRED_UNTIL)
+        if not isinstance(until, float):
+            until = expires_at.timestamp()  # written by the previous release: one clock
+        return Retired(successor if isinstance(successor, str) else None, until)
 
     @staticmethod
     def _malformed(store_id: str) -> None:
@@ -452,10 +458,11 @@ class FirestoreSessionInterface(StoreInterface):
         if not is_valid_collection_id(store_id + RETIRED_SUFFIX):
             return False
         batch = self.client.batch()
-        until = datetime.fromtimestamp(marker.until, UTC)
+        # The linger measured on the app's clock, counted from now on the real one.
+        expires_at = _now() + timedelta(seconds=marker.until - time.time())
         batch.set(
             self._document(store_id + RETIRED_SUFFIX),
-            {"expires_at": until, RETIRED_TO: marker.successor},
+            {"expires_at": expires_at, RETIRED_TO: marker.successor, RETIRED_UNTIL: marker.until},
         )
         batch.delete(self._document(store_id), option=self.client.write_option(exists=True))
         try:

@@ -348,3 +348,21 @@ def test_services_sharing_a_collection_list_and_revoke_only_their_own_sessions(
     with service_a.app_context():
         assert {item.handle for item in user_sessions("ana")} == handles(ids_a)
     assert all(sessions.document(store_id).get().exists for store_id in ids_a)
+
+
+def test_a_login_marker_of_the_previous_release_is_still_honoured(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    """The previous release wrote the marker without ``retired_until`` (its ``expires_at`` was
+    the only clock): a request carrying that id still gets a 409, not a fresh session."""
+    marker = hashed_store_id("session:", "pre-login-id") + "~retired"
+    sessions.document(marker).set(
+        {"expires_at": datetime.now(UTC) + timedelta(minutes=2), "retired_to": None}
+    )
+    client = app.test_client()
+    client.set_cookie("session", "pre-login-id")
+    response = client.post("/session/counter", headers={"Accept": "application/json"})
+    assert response.status_code == 409
+    assert "Set-Cookie" not in response.headers
+    sessions.document(marker).update({"expires_at": datetime.now(UTC) - timedelta(seconds=1)})
+    assert client.post("/session/counter").json == {"counter": 1}

@@ -68,6 +68,25 @@ def test_a_session_is_written_and_read_under_a_frozen_clock(
         assert client.get("/stamp").json == stamped.json
 
 
+@pytest.mark.parametrize("when", [PAST, FUTURE])
+def test_the_id_a_login_left_behind_still_refuses_changes_under_a_frozen_clock(
+    any_app: Flask, when: str
+) -> None:
+    """A request still carrying the pre-login id (an XHR in flight) gets a 409, not a fresh
+    session: the marker the login left lives for its linger on every backend."""
+    with freeze_time(when):
+        client = any_app.test_client()
+        client.post("/session/counter")
+        cookie = client.get_cookie("session")
+        assert cookie is not None
+        assert client.post("/session/login", json={"user": "ana"}).status_code == 200
+        late = any_app.test_client()
+        late.set_cookie("session", cookie.value)
+        response = late.post("/session/counter", headers=JSON)
+        assert response.status_code == 409, response.get_data(as_text=True)
+        assert client.get("/session/counter").json == {"counter": 1}
+
+
 def test_a_frozen_clock_outlasting_the_store_timeout(
     make_app: MakeApp, firestore_env: dict[str, str]
 ) -> None:
