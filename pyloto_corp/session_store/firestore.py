@@ -253,8 +253,13 @@ def session_key(name: str) -> str:
     return base64.urlsafe_b64decode(name[1:].encode()).decode("utf-8", "surrogatepass")
 
 
-#: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then).
+#: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then:
+#: one that ends ``_call`` is the last before the budget ran out, see :func:`_not_answering`).
 NOT_ANSWERING = (google_exceptions.DeadlineExceeded, google_exceptions.RetryError)
+
+
+def _not_answering(exc: Exception) -> bool:
+    return isinstance(exc, NOT_ANSWERING) or bool(if_transient_error(exc))
 
 
 class FirestoreSessionInterface(StoreInterface):
@@ -330,7 +335,7 @@ class FirestoreSessionInterface(StoreInterface):
         except google_exceptions.AlreadyExists:
             raise
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
-            silent = isinstance(exc, NOT_ANSWERING)
+            silent = _not_answering(exc)
             raise (SessionStoreNotAnswering if silent else SessionStoreUnavailable)(
                 f"Firestore session store (database {self.database!r}, collection "
                 f"{self.collection!r}) failed: {type(exc).__name__}"
