@@ -2,7 +2,8 @@
 
 Document ``{collection}/{prefix}{sha256(session id)}`` holds ``fields`` (a map: one entry per
 session key, its encoded value), ``expires_at`` (a timestamp a Firestore TTL policy can delete
-on), ``updated_at`` and ``user`` (for "log out everywhere"). A document an earlier release wrote
+on), ``updated_at`` and ``user`` (for "log out everywhere": the query on it keeps only ids of
+this prefix, as services may share a collection). A document an earlier release wrote
 holds the session as one blob in ``data``: it is read, and rewritten as ``fields`` (``data``
 removed) on its next change. Two field names, so that an instance of the earlier release writing
 ``data`` during a rolling deploy can never have a merge of ``fields.<key>`` applied on top of its
@@ -22,14 +23,20 @@ blob: a document with ``fields`` is read from ``fields``.
   is unavailable, a 503 with the database named in the log.
 - The client is created on first use in the serving process: gRPC must not be initialised before
   gunicorn forks its workers.
+- Time comes from the real clock, also in a test that froze ``time`` and ``datetime``
+  (freezegun): the stored expiry is compared by Firestore's TTL policy and by other processes,
+  and the call budget must run out.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import re
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -79,10 +86,13 @@ LEGACY_DATA = "data"
 #: Firestore caps a field name at 1,500 bytes; an encoded key name stays well under it.
 MAX_KEY_BYTES = 1000
 #: The marker a login or a logout leaves (``base.Retired``) is a document of its own, this
-#: suffix after the session's id, with ``expires_at`` and ``retired_to`` (the successor's id):
-#: deleting the session document keeps ``update()``'s exists precondition the test of "gone".
+#: suffix after the session's id, with ``expires_at`` (on the real clock), ``retired_to`` (the
+#: successor's id) and ``retired_until`` (``Retired.until``, on the app's clock, which a test
+#: may have frozen): deleting the session document keeps ``update()``'s exists precondition the
+#: test of "gone".
 RETIRED_SUFFIX = "~retired"
 RETIRED_TO = "retired_to"
+RETIRED_UNTIL = "retired_until"
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -182,10 +192,40 @@ class Options(StoreOptions):
         }
 
 
+def _real_time() -> float:
+    """Seconds since the epoch from the system clock. freezegun (common in apps' test suites)
+    patches ``time.time``, ``time.monotonic`` and ``datetime``, not ``clock_gettime``."""
+    if sys.platform == "win32":
+        return time.time()
+    return time.clock_gettime(time.CLOCK_REALTIME)
+
+
+def _real_monotonic() -> float:
+    """A monotonic clock freezegun does not stop, for the retry budget."""
+    if sys.platform == "win32":
+        return time.monotonic()
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """Now on the real clock: what Firestore's TTL policy and every other process compare the
+    stored ``expires_at`` with."""
+    return datetime.fromtimestamp(_real_time(), UTC)
 
 
+#: Backoff between retries of a transient error (seconds).
+RETRY_INITIAL, RETRY_MAXIMUM = 0.05, 0.5
+
+
+def _retryable(deadline: float, exc: Exception) -> bool:
+    """A transient error, with time left for another attempt before ``deadline`` (real
+    monotonic seconds; google-api-core's own budget reads ``time.monotonic()``, which a frozen
+    clock stops)."""
+    return bool(if_transient_error(exc)) and _real_monotonic() + RETRY_MAXIMUM < deadline
+
+
+#: What follows SESSION_KEY_PREFIX in a session's document id (``hashed_store_id``).
+_HASHED_ID = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 _ENCODED = "~"
 
@@ -213,8 +253,13 @@ def session_key(name: str) -> str:
     return base64.urlsafe_b64decode(name[1:].encode()).decode("utf-8", "surrogatepass")
 
 
-#: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then).
+#: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then:
+#: one that ends ``_call`` is the last before the budget ran out, see :func:`_not_answering`).
 NOT_ANSWERING = (google_exceptions.DeadlineExceeded, google_exceptions.RetryError)
+
+
+def _not_answering(exc: Exception) -> bool:
+    return isinstance(exc, NOT_ANSWERING) or bool(if_transient_error(exc))
 
 
 class FirestoreSessionInterface(StoreInterface):
@@ -237,8 +282,6 @@ class FirestoreSessionInterface(StoreInterface):
         self.collection = collection
         self.timeout = timeout
         self.refresh_interval = refresh_interval
-        # Transient errors only (unavailable, internal, too many requests), within the deadline.
-        self.retry = Retry(predicate=if_transient_error, initial=0.05, maximum=0.5, timeout=timeout)
         self._client_factory = client_factory
 
     # -- client ------------------------------------------------------------------------------------
@@ -265,10 +308,22 @@ class FirestoreSessionInterface(StoreInterface):
         missing_is_gone: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run one operation within the timeout. ``NotFound`` is re-raised only where it means
+        """Run one operation within the timeout, retrying transient errors (unavailable, internal,
+        too many requests) while time is left. ``NotFound`` is re-raised only where it means
         "this session is gone" (``missing_is_gone``); elsewhere the database is missing."""
+        deadline = _real_monotonic() + self.timeout
+        retry = Retry(
+            predicate=functools.partial(_retryable, deadline),
+            initial=RETRY_INITIAL,
+            maximum=RETRY_MAXIMUM,
+            timeout=None,
+        )
+        # gRPC turns the timeout into a deadline by adding it to ``time.time()``: under a clock
+        # frozen in the past that deadline has already passed. Add how far behind it is (a clock
+        # frozen ahead only makes the deadline later; the retry budget above still holds).
+        timeout = self.timeout + max(0.0, _real_time() - time.time())
         try:
-            return operation(*args, retry=self.retry, timeout=self.timeout, **kwargs)
+            return operation(*args, retry=retry, timeout=timeout, **kwargs)
         except google_exceptions.NotFound:
             if missing_is_gone:
                 raise
@@ -280,7 +335,7 @@ class FirestoreSessionInterface(StoreInterface):
         except google_exceptions.AlreadyExists:
             raise
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
-            silent = isinstance(exc, NOT_ANSWERING)
+            silent = _not_answering(exc)
             raise (SessionStoreNotAnswering if silent else SessionStoreUnavailable)(
                 f"Firestore session store (database {self.database!r}, collection "
                 f"{self.collection!r}) failed: {type(exc).__name__}"
@@ -319,10 +374,13 @@ class FirestoreSessionInterface(StoreInterface):
         """The marker left at a retired id: a second read, only for an id with no session."""
         snapshot = self._call(self._document(store_id + RETIRED_SUFFIX).get)
         document = (snapshot.to_dict() or {}) if snapshot.exists else {}
-        until, successor = document.get("expires_at"), document.get(RETIRED_TO)
-        if not isinstance(until, datetime) or until <= _now():
+        expires_at, successor = document.get("expires_at"), document.get(RETIRED_TO)
+        if not isinstance(expires_at, datetime) or expires_at <= _now():
             return None
-        return Retired(successor if isinstance(successor, str) else None, until.timestamp())
+        until = document.get(RETIRED_UNTIL)
+        if not isinstance(until, float):
+            until = expires_at.timestamp()  # written by the previous release: one clock
+        return Retired(successor if isinstance(successor, str) else None, until)
 
     @staticmethod
     def _malformed(store_id: str) -> None:
@@ -406,10 +464,11 @@ class FirestoreSessionInterface(StoreInterface):
         if not is_valid_collection_id(store_id + RETIRED_SUFFIX):
             return False
         batch = self.client.batch()
-        until = datetime.fromtimestamp(marker.until, UTC)
+        # The linger measured on the app's clock, counted from now on the real one.
+        expires_at = _now() + timedelta(seconds=marker.until - time.time())
         batch.set(
             self._document(store_id + RETIRED_SUFFIX),
-            {"expires_at": until, RETIRED_TO: marker.successor},
+            {"expires_at": expires_at, RETIRED_TO: marker.successor, RETIRED_UNTIL: marker.until},
         )
         batch.delete(self._document(store_id), option=self.client.write_option(exists=True))
         try:
@@ -426,9 +485,19 @@ class FirestoreSessionInterface(StoreInterface):
     # -- the user index: the ``user`` field, queried with an equality filter -----------------------
 
     def _user_documents(self, user: str) -> list[Any]:
+        """The user's session documents of this service. The query (one equality filter: the
+        default single-field index serves it) also finds those of other services sharing the
+        collection under another SESSION_KEY_PREFIX; only this prefix's ids are kept."""
         collection = self.client.collection(self.collection)
         query = collection.where(filter=FieldFilter(USER_FIELD, "==", user))
-        return list(self._call(query.get))
+        return [snapshot for snapshot in self._call(query.get) if self._owns(snapshot.id)]
+
+    def _owns(self, store_id: str) -> bool:
+        """Whether a document id is one of this service's sessions: the prefix, then a sha256 in
+        hex and nothing more (a prefix may begin another one: ``session:`` and ``session:b:``)."""
+        return store_id.startswith(self.key_prefix) and bool(
+            _HASHED_ID.fullmatch(store_id, len(self.key_prefix))
+        )
 
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
         now = _now()

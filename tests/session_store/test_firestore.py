@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 from flask import Flask, session
+from flask.testing import FlaskClient
 from google.cloud import firestore
 
-from pyloto_corp.session_store import codec
-from pyloto_corp.session_store.base import hashed_store_id
+from pyloto_corp.session_store import (
+    codec,
+    revoke_session,
+    revoke_user_sessions,
+    rotate_session_id,
+    user_sessions,
+)
+from pyloto_corp.session_store.base import handle_of, hashed_store_id
 from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from tests.conftest import MakeApp
 from tests.firestore_operations import counting_document_operations
@@ -39,6 +46,12 @@ def sessions(firestore_client: firestore.Client) -> firestore.CollectionReferenc
 
 def _sid(header: str) -> str:
     return header.split(";", 1)[0].split("=", 1)[1]
+
+
+def _sid_of(client: FlaskClient) -> str:
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    return cookie.value
 
 
 def _doc(sessions: firestore.CollectionReference, sid: str) -> dict[str, Any] | None:
@@ -277,3 +290,86 @@ def test_a_session_key_too_long_for_firestore_is_refused_at_write(
     assert response.json["error"] == "session_unstorable"
     assert "firestore" not in response.json["message"]
     assert client.get("/session/counter").json == {"counter": 1}
+
+
+def _user_routes(app: Flask) -> Flask:
+    @app.post("/as/<user>")
+    def login_as(user: str) -> dict[str, bool]:
+        rotate_session_id()
+        session["_user_id"] = user
+        return {"ok": True}
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, str | None]:
+        return {"user": session.get("_user_id")}
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("prefix_a", "prefix_b"), [("svc-a:", "svc-b:"), ("session:", "session:b:")]
+)
+def test_services_sharing_a_collection_list_and_revoke_only_their_own_sessions(
+    make_app: MakeApp,
+    firestore_env: dict[str, str],
+    sessions: firestore.CollectionReference,
+    prefix_a: str,
+    prefix_b: str,
+) -> None:
+    """Two services on one collection, the same user signed in on both: B lists and ends only
+    B's sessions, including documents the previous release wrote (no field beyond ``user``).
+    ``session:`` begins ``session:b:``: a prefix alone does not tell them apart."""
+    service_a = _user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_a))
+    service_b = _user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_b))
+    on_a, on_b = service_a.test_client(), [service_b.test_client() for _ in range(2)]
+    on_a.post("/as/ana")
+    for client in on_b:
+        client.post("/as/ana")
+    # Documents as the previous release wrote them, one per service.
+    old = {"_permanent": True, "_created_at": time.time() - 60, "_user_id": "ana"}
+    packed = {key: codec.pack_value(key, value) for key, value in old.items()}
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    for prefix, sid in ((prefix_a, "old-a"), (prefix_b, "old-b")):
+        sessions.document(hashed_store_id(prefix, sid)).set(
+            {"fields": packed, "expires_at": expires_at, "updated_at": expires_at, "user": "ana"}
+        )
+    old_a = service_a.test_client()
+    old_a.set_cookie("session", "old-a")
+
+    def handles(store_ids: list[str]) -> set[str]:
+        return {handle_of(store_id) for store_id in store_ids}
+
+    ids_a = [hashed_store_id(prefix_a, sid) for sid in (_sid_of(on_a), "old-a")]
+    ids_b = [hashed_store_id(prefix_b, sid) for sid in [*map(_sid_of, on_b), "old-b"]]
+    with service_a.app_context():
+        assert {item.handle for item in user_sessions("ana")} == handles(ids_a)
+    with service_b.app_context():
+        assert {item.handle for item in user_sessions("ana")} == handles(ids_b)
+        assert not revoke_session("ana", handle_of(ids_a[0]))  # A's session: not B's to end
+        assert revoke_user_sessions("ana") == 3
+        assert user_sessions("ana") == []
+    for client in on_b:
+        assert client.get("/whoami").json == {"user": None}
+    assert on_a.get("/whoami").json == {"user": "ana"}
+    assert old_a.get("/whoami").json == {"user": "ana"}
+    with service_a.app_context():
+        assert {item.handle for item in user_sessions("ana")} == handles(ids_a)
+    assert all(sessions.document(store_id).get().exists for store_id in ids_a)
+
+
+def test_a_login_marker_of_the_previous_release_is_still_honoured(
+    app: Flask, sessions: firestore.CollectionReference
+) -> None:
+    """The previous release wrote the marker without ``retired_until`` (its ``expires_at`` was
+    the only clock): a request carrying that id still gets a 409, not a fresh session."""
+    marker = hashed_store_id("session:", "pre-login-id") + "~retired"
+    sessions.document(marker).set(
+        {"expires_at": datetime.now(UTC) + timedelta(minutes=2), "retired_to": None}
+    )
+    client = app.test_client()
+    client.set_cookie("session", "pre-login-id")
+    response = client.post("/session/counter", headers={"Accept": "application/json"})
+    assert response.status_code == 409
+    assert "Set-Cookie" not in response.headers
+    sessions.document(marker).update({"expires_at": datetime.now(UTC) - timedelta(seconds=1)})
+    assert client.post("/session/counter").json == {"counter": 1}
