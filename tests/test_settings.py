@@ -459,8 +459,9 @@ def test_the_redis_options_repr_hides_the_password() -> None:
 SHARED_PREFIX_ADVICE = (
     "SESSION_KEY_PREFIX is the default 'session:' on Cloud Run: each service's sessions are "
     "stamped with its name and another's are refused, but they still share one 'log out "
-    "everywhere' index; give each service its own prefix (for example SESSION_KEY_PREFIX=session:api:) "
-    "before its first deploy (changing it later ends the sessions stored under the old prefix)."
+    "everywhere' index; give each service its own prefix (for example "
+    "SESSION_KEY_PREFIX=session:api:) before its first deploy (changing it later ends the "
+    "sessions stored under the old prefix)."
 )
 
 
