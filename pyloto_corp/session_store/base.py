@@ -866,6 +866,9 @@ def _keep_private(response: Response, *, no_store: bool = False) -> None:
     at all, not even the browser. Stronger directives the view set (``no-store``,
     ``no-cache``, a ``max-age`` for the browser) stay as they are.
     """
+    if "Cache-Control" not in response.headers:  # the usual case: no parsing, no rewriting
+        response.headers["Cache-Control"] = "private, no-store" if no_store else "private"
+        return
     cache_control = response.cache_control
     cache_control.public = False
     cache_control.s_maxage = None
