@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 #: Commands the session scripts run inside Redis (not round trips of their own).
-SCRIPT_INTERNAL = frozenset({"exists", "getrange", "psetex", "expire", "zadd", "zremrangebyscore"})
+SCRIPT_INTERNAL = frozenset(
+    {"exists", "getrange", "psetex", "del", "expire", "zadd", "zremrangebyscore"}
+)
 #: Connection set-up and the measurement itself, not work done for a request.
 #: (A cluster client reads the slot map and the command table once, when it is built.)
 HANDSHAKE = frozenset(

@@ -85,17 +85,19 @@ IAM_MIN_VALIDITY = 30
 #: The first bytes of a record in this layout (0xc1 is a byte msgpack never uses, so no record
 #: of an earlier release, a msgpack map, starts with it).
 RECORD_MARKER: Final = b"\xc1\x02"
-#: The first bytes of the marker a login or a logout leaves where a session was (see
-#: ``base.Retired``): then the time it stops counting (8 bytes, a big-endian double) and the
-#: store id the session moved to (empty after a logout).
+#: The marker a login or a logout leaves for a retired id (``base.Retired``) is a key of its own,
+#: in the session key's cluster slot (:func:`retired_key`): these bytes, the time it stops
+#: counting (8 bytes, a big-endian double), then the store id the session moved to (empty after
+#: a logout). The session key itself is deleted, so every release's write script, this one's
+#: and the previous one's, finds the session gone.
 RETIRED_MARKER: Final = b"\xc1\x03"
+RETIRED_SUFFIX: Final = "~retired"
 
 #: KEYS[1] the session; ARGV: lifetime (ms), max bytes, mode, number of keys set, then the keys
 #: and values set, then the keys deleted. Modes: 'create' (only if absent), 'whole' (replace an
 #: existing record), 'merge' (apply to an existing record in this layout). Returns 'ok', 'gone',
 #: 'taken', 'format' (merge, but the record is an earlier release's: write it whole) or the
-#: merged size when it exceeds the limit (nothing written then). A retired id (its marker) is
-#: 'gone' to 'whole' and 'merge' and 'taken' to 'create'. Declared with a shebang (Redis
+#: merged size when it exceeds the limit (nothing written then). Declared with a shebang (Redis
 #: 7+), so an out-of-memory server refuses it before it starts, never half-way. It uses only
 #: commands the app never sends itself (GETRANGE, PSETEX), so each call counts as one round trip.
 WRITE_SCRIPT = """#!lua
@@ -108,14 +110,10 @@ if mode == 'create' then
 elseif not exists then
   return 'gone'
 end
-local values, order, stored = {}, {}, ''
-if mode ~= 'create' then
-  stored = redis.call('GETRANGE', key, 0, mode == 'merge' and -1 or 1)
-  local kind = string.sub(stored, 1, 2)
-  if kind == '\\193\\003' then return 'gone' end
-  if mode == 'merge' and kind ~= marker then return 'format' end
-end
+local values, order = {}, {}
 if mode == 'merge' then
+  local stored = redis.call('GETRANGE', key, 0, -1)
+  if string.sub(stored, 1, 2) ~= marker then return 'format' end
   local at = 3
   while at <= #stored do
     local size, name_at = struct.unpack('>I4', stored, at)
@@ -147,12 +145,17 @@ redis.call('PSETEX', key, ttl, table.concat(parts))
 return 'ok'
 """
 
-#: KEYS[1] the session; ARGV: the marker, its lifetime (ms). Replaces a live record (in any
-#: release's layout) by the marker; 1 when it did, 0 when the id was absent or already retired.
+#: KEYS[1] the session, KEYS[2] its marker key; ARGV: the marker, its lifetime (ms), the
+#: successor's store id. Deletes a live record (in any release's layout) and writes the marker:
+#: 1. The id absent: 0, unless the marker already names this successor (this very call, retried
+#: after a dropped connection): 1. Runs DEL, never sent by the app, to count as one round trip.
 RETIRE_SCRIPT = """#!lua
-local head = redis.call('GETRANGE', KEYS[1], 0, 1)
-if head == '' or head == '\\193\\003' then return 0 end
-redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[3] ~= '' and redis.call('GETRANGE', KEYS[2], 10, -1) == ARGV[3] then return 1 end
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('PSETEX', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
 
@@ -463,10 +466,11 @@ class RedisSessionInterface(StoreInterface):
         except Exception as exc:
             raise self._unavailable(exc) from None
 
-    def _script(self, source: str, store_id: str, *args: Any) -> Any:
+    def _script(self, source: str, keys: str | tuple[str, ...], *args: Any) -> Any:
         """EVALSHA, loading the script once when the server does not know it yet (a restart,
         a new cluster node). execute_command skips redis-py's Script wrapper (a few µs)."""
-        command = ("EVALSHA", self._scripts[source], 1, store_id, *args)
+        names = (keys,) if isinstance(keys, str) else keys
+        command = ("EVALSHA", self._scripts[source], len(names), *names, *args)
         client: Any = self.client
         try:
             try:
@@ -483,10 +487,13 @@ class RedisSessionInterface(StoreInterface):
         client: Any = self.client
         data = self._call(client.execute_command, "GETEX", store_id, "EX", _seconds(lifetime))
         if data is None:
+            # No session: a retired id's marker, if any (a second round trip, only for an id
+            # with no session: expired, retired or never issued).
+            marker = self._call(client.execute_command, "GET", retired_key(store_id))
+            if isinstance(marker, bytes) and marker[:2] == RETIRED_MARKER:
+                return _retired(marker) if len(marker) >= _RETIRED_HEAD else None
             return None
         if data[:2] != RECORD_MARKER:
-            if data[:2] == RETIRED_MARKER and len(data) >= _RETIRED_HEAD:
-                return _retired(data)
             return Record(None, blob=data)  # stored whole by an earlier release
         try:
             return Record(parse_record(data))
@@ -532,9 +539,11 @@ class RedisSessionInterface(StoreInterface):
         return bool(self._call(self.client.unlink, store_id))
 
     def retire(self, store_id: str, marker: Retired) -> bool:
-        data = RETIRED_MARKER + _UNTIL.pack(marker.until) + (marker.successor or "").encode()
+        successor = (marker.successor or "").encode()
+        data = RETIRED_MARKER + _UNTIL.pack(marker.until) + successor
         linger = int(RETIRED_LINGER.total_seconds() * 1000)
-        return bool(self._script(RETIRE_SCRIPT, store_id, data, linger))
+        keys = (store_id, retired_key(store_id))
+        return bool(self._script(RETIRE_SCRIPT, keys, data, linger, successor))
 
     # -- the user index --------------------------------------------------------------------------
 
@@ -708,6 +717,18 @@ def parse_record(data: bytes) -> dict[str, bytes]:
 
 
 _LENGTH = struct.Struct(">I")
+
+
+def retired_key(store_id: str) -> str:
+    """The key of a retired id's marker: in the session key's cluster slot, so one script
+    deletes the one and writes the other. A session key hashes whole unless it holds a hash
+    tag (a ``{...}`` in ``SESSION_KEY_PREFIX``): then the tag decides both."""
+    start = store_id.find("{")
+    if start != -1 and store_id.find("}", start + 1) > start + 1:
+        return store_id + RETIRED_SUFFIX
+    return "{" + store_id + "}" + RETIRED_SUFFIX
+
+
 _UNTIL = struct.Struct(">d")
 _RETIRED_HEAD = len(RETIRED_MARKER) + _UNTIL.size
 

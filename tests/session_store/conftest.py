@@ -61,8 +61,6 @@ def _read_redis(client: Any, key: str) -> object:
     data = client.get(key)
     if isinstance(data, bytes) and data[:2] == redis_backend.RECORD_MARKER:
         return redis_backend.parse_record(data)
-    if isinstance(data, bytes) and data[:2] == redis_backend.RETIRED_MARKER:
-        return None  # what a login or logout leaves where a session was: no session
     return data
 
 

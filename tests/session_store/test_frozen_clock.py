@@ -134,7 +134,7 @@ def test_firestore_stores_the_real_expiry_under_a_frozen_clock(
 ) -> None:
     """``expires_at`` is what Firestore's TTL policy deletes on: a 2020 expiry written by a
     frozen test would be deleted at once, a 2040 one never."""
-    app = make_app(**firestore_env, SESSION_LIFETIME="1h")
+    app = make_app(**firestore_env, SESSION_LIFETIME="1h", SESSION_ANONYMOUS_LIFETIME="1h")
     with freeze_time(when):
         header = app.test_client().post("/session/counter").headers["Set-Cookie"]
     sid = header.split(";", 1)[0].split("=", 1)[1]

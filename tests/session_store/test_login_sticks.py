@@ -154,6 +154,8 @@ def test_signing_in_without_rotate_session_id_still_moves_the_session(backend: H
 
 
 def test_rotation_on_sign_in_can_be_turned_off(make_app: MakeApp) -> None:
+    """With SESSION_ROTATE_ON_LOGIN=false a change of user keeps the id (an anonymous id still
+    moves when its session gains a user: the id says which idle lifetime applies)."""
     app = make_app(ENV="test", SESSION_ROTATE_ON_LOGIN="false")
 
     @app.post("/as/<user>")
@@ -161,8 +163,9 @@ def test_rotation_on_sign_in_can_be_turned_off(make_app: MakeApp) -> None:
         session["_user_id"] = user
         return {"ok": True}
 
-    sid = sid_of(_client(app).post("/session/counter"))
-    response = _client(app).post("/as/ana", headers=_as(sid))
+    anonymous = sid_of(_client(app).post("/session/counter"))
+    signed_in = sid_of(_client(app).post("/as/ana", headers=_as(anonymous)))
+    response = _client(app).post("/as/bob", headers=_as(signed_in))
     assert response.status_code == 200
     assert _session_set_cookie(response) is None  # same id, same cookie: nothing to send
 
