@@ -521,7 +521,9 @@ class StoreInterface(ServerSideSessionInterface):
             _keep_private(response)
         # A write is refused at once while the store is failing (breaker.py); a read-only
         # request's expiry slide is not: its data was read and its answer is made.
-        writes = session.modified or session.replaces is not None
+        writes = session.replaces is not None or (
+            session.modified and (session.stored is not None or bool(session))
+        )
         try:
             with self.breaker.guard(admit=writes):
                 self._write(app, session, response)
@@ -545,10 +547,21 @@ class StoreInterface(ServerSideSessionInterface):
         if session.retired is not None:
             # The cookie's id was retired by a login or a logout while this request ran (or
             # just before): nothing is stored and no cookie is sent, so the browser keeps
-            # whatever the login or logout gave it.
-            if session.modified:
+            # whatever the login or logout gave it. Two exceptions, both the user's own acts:
+            if not session.modified:
+                return
+            if self.user_of(session) is not None:
+                # A login without rotate_session_id() (a form submitted twice, an answer
+                # lost): a fresh session, never on the retired id.
+                self.regenerate(session)
+                store_id = self.store_id(session.sid)
+            elif not session:
+                # A logout (emptied, as Flask-Login's logout_user() does): it ends the
+                # session the retired id moved to, and the cookie goes.
+                self._end(session)
+                store_id = self.store_id(session.sid)
+            else:
                 raise SessionGone
-            return
         if not session:
             if session.modified or session.replaces is not None or session.stored is not None:
                 # Emptied (clear(), logout, key by key), or stored empty by an older release:
@@ -587,22 +600,34 @@ class StoreInterface(ServerSideSessionInterface):
             self._create(app, session, fields)
             store_id = self.store_id(session.sid)
         if session.replaces is not None:
-            # After the new record exists: a login that failed leaves the old session intact.
-            # The old id is retired, not just deleted: a request still carrying it neither
-            # writes nor sends a cookie that would replace this one.
-            replaced_was_live = self.retire(session.replaces, Retired.now(store_id))
-            if session.owner is not None:
-                self.unindex(session.replaces, session.owner)
-            session.owner = None
-            if not replaced_was_live:
-                # Logged out or revoked while this request ran: its copy must not outlive it.
-                self.delete(store_id)
-                raise SessionGone
-        self._reindex(session, store_id, rewritten)
+            self._replace(session, store_id)
+        else:
+            self._reindex(session, store_id, rewritten)
         if session.cookie_state() != session.sent:
             self._set_cookie(app, session, response)
         else:
             response.vary.add("Cookie")  # the browser already holds exactly this cookie
+
+    def _replace(self, session: StoreSession, store_id: str) -> None:
+        """A login's end, once the new record exists (a login that failed before leaves the
+        old session intact): the new id indexed, then the old id retired, not just deleted (a
+        request still carrying it neither writes nor sends a cookie that would replace this
+        one). Once it is retired nothing may fail the answer: the browser needs the new cookie,
+        so the old id's index entry is dropped on a best-effort basis (listing prunes it)."""
+        assert session.replaces is not None
+        user = self.user_of(session)
+        if user is not None:
+            self.index(store_id, user)
+        if not self.retire(session.replaces, Retired.now(store_id)):
+            # Logged out or revoked while this request ran: its copy must not outlive it.
+            self.delete(store_id)
+            raise SessionGone
+        if session.owner is not None:
+            try:
+                self.unindex(session.replaces, session.owner)
+            except SessionStoreUnavailable as exc:
+                logger.warning("Left a stale user-index entry after a login: %s", exc)
+        session.owner = user
 
     def _reindex(self, session: StoreSession, store_id: str, rewritten: bool) -> None:
         """Keep the user index in step when the session's user appears, changes or goes (and
@@ -723,6 +748,8 @@ class StoreInterface(ServerSideSessionInterface):
         session = _unproxied(session)
         if session.stored is not None and session.replaces is None:
             session.replaces = self.store_id(session.sid)
+        # A login on an id a login or logout retired (a form submitted twice) starts afresh.
+        session.retired = None
         session.sid = self._generate_sid(self.sid_length)
         session.stored = None
         dict.__setitem__(session, CREATED_AT, int(time.time()))
@@ -732,6 +759,10 @@ class StoreInterface(ServerSideSessionInterface):
         """Log out now: delete the stored record and move the session to a new, empty id, so
         nothing written later (in this request or one already running) brings the old id back."""
         session = _unproxied(session)
+        with self.breaker.guard():  # a view's call: logged, and failing fast, like the others
+            self._end(session)
+
+    def _end(self, session: StoreSession) -> None:
         if session.retired is not None and session.retired.successor is not None:
             # The request carried the id a login just retired: the browser may already hold
             # the signed-in session's cookie, which this logout deletes; end that session too.

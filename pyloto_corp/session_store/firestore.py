@@ -474,7 +474,13 @@ class FirestoreSessionInterface(StoreInterface):
         try:
             self._call(batch.commit, missing_is_gone=True)
         except google_exceptions.NotFound:
-            return False
+            # Gone before this call, or this very batch committed and its retry (the answer
+            # lost on the way) found it gone: the marker tells which.
+            if marker.successor is None:
+                return False
+            snapshot = self._call(self._document(store_id + RETIRED_SUFFIX).get)
+            found = (snapshot.to_dict() or {}) if snapshot.exists else {}
+            return bool(found.get(RETIRED_TO) == marker.successor)
         return True
 
     def ping(self) -> dict[str, object]:

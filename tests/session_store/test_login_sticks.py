@@ -26,7 +26,7 @@ from flask import Flask, session
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from pyloto_corp.session_store import base
+from pyloto_corp.session_store import SessionStore, base
 from tests.conftest import SECRET, MakeApp
 from tests.services import FirestoreEmulator, Gunicorn, RedisServer
 from tests.session_store.conftest import Harness, sid_of
@@ -101,6 +101,61 @@ def test_a_logout_carrying_the_pre_login_id_ends_the_signed_in_session(
         "user": None,
         "counter": None,
     }
+
+
+def test_a_login_submitted_twice_signs_in_on_a_fresh_id(backend: Harness) -> None:
+    """The browser cancelled the first submit, the server finished it: the second still
+    carries the pre-login id. It signs in (never on the retired id), it is not refused."""
+    app = backend.make()
+    _add_whoami(app)
+    old = sid_of(_client(app).post("/session/counter"))
+    first = _login(app, old)
+    again = _client(app).post("/session/login", json={"user": "ana"}, headers=_as(old))
+    assert again.status_code == 200
+    second = sid_of(again)
+    assert second not in (old, first)
+    assert _client(app).get("/whoami", headers=_as(second)).json["user"] == "ana"
+
+
+def test_emptying_the_session_on_the_pre_login_id_is_a_logout_of_the_new_one(
+    backend: Harness,
+) -> None:
+    """Flask-Login's logout_user() alone empties the session: on the retired id it still ends
+    the signed-in session the id moved to, and removes the cookie."""
+    app = backend.make()
+    _add_whoami(app)
+
+    @app.post("/logout-by-clearing")
+    def logout_by_clearing() -> dict[str, bool]:
+        session.clear()
+        return {"ok": True}
+
+    old = sid_of(_client(app).post("/session/counter"))
+    new = _login(app, old)
+    logout = _client(app).post("/logout-by-clearing", headers=_as(old))
+    assert logout.status_code == 200
+    assert (_session_set_cookie(logout) or "").startswith("session=;")
+    assert _client(app).get("/whoami", headers=_as(new)).json == {"user": None, "counter": None}
+
+
+def test_no_write_can_bring_a_retired_id_back(backend: Harness) -> None:
+    """What a request that read the session before the login writes afterwards, whole (as the
+    previous release does during a rolling deploy, after its merge found another layout) or
+    merged, finds the session gone."""
+    from pyloto_corp.session_store.base import Changes
+
+    app = backend.make()
+    old = sid_of(_client(app).post("/session/counter"))
+    interface = SessionStore.state(app).interface
+    store_id = interface.store_id(old)
+    stored = interface.read(store_id, timedelta(hours=1))
+    assert isinstance(stored, base.Record)
+    _login(app, old)
+    value = {"counter": b"\xc1\x01\x07"}
+    for whole in (True, False):
+        changes = Changes(set=value, delete=(), whole=whole)
+        assert interface.update(store_id, changes, timedelta(hours=1), stored) is False
+    assert backend.read_raw(app, store_id) is None
 
 
 def test_a_response_never_resends_the_cookie_the_browser_holds(backend: Harness) -> None:
