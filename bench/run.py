@@ -562,8 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     target(
         {k: commands[k] for k in ("no session", "read-only", "modify", "read-only, logged in")}
-        == {"no session": 0, "read-only": 1, "modify": 2, "read-only, logged in": 1},
-        "Redis: 0 round trips without a session, 1 per read (logged in or not), 2 per "
+        == {"no session": 0, "read-only": 1, "modify": 2, "read-only, logged in": 2},
+        "Redis: 0 commands without a session, 1 per read (2 logged in: GETEX and the user's "
+        "revocation mark, pipelined in one round trip once the worker knows the session), 2 per "
         f"modification; a login {commands['login']} (read, new id, old id deleted, user index)",
     )
     target(

@@ -12,7 +12,20 @@ from typing import Any
 
 #: Commands the session scripts run inside Redis (not round trips of their own).
 SCRIPT_INTERNAL = frozenset(
-    {"exists", "getrange", "psetex", "del", "expire", "zadd", "zremrangebyscore"}
+    {
+        "exists",
+        "strlen",
+        "getrange",
+        "psetex",
+        "del",
+        "expire",
+        "zadd",
+        "zremrangebyscore",
+        "zcard",
+        "zpopmin",
+        "pttl",
+        "zrange",
+    }
 )
 #: Connection set-up and the measurement itself, not work done for a request.
 #: (A cluster client reads the slot map and the command table once, when it is built.)

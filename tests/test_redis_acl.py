@@ -67,8 +67,8 @@ def _lifecycle(app: Flask) -> None:
     assert call("GET", "/session/counter", devices[0]).json == {"counter": 1}
     call("DELETE", "/session", devices[2])  # logout: UNLINK (and the index entry goes)
     with app.test_request_context():
-        assert len(user_sessions("ana")) == 2  # ZRANGE, GET + PTTL, ZREM of the stale entry
-        assert revoke_user_sessions("ana") == 2  # UNLINK the sessions and the index
+        assert len(user_sessions("ana")) == 2  # ZRANGE and PTTLs (scripts), ZREM of the stale
+        assert revoke_user_sessions("ana") == 2  # the mark, the index popped (scripts), UNLINK
         assert user_sessions("ana") == []
     assert call("GET", "/session/counter", devices[0]).json == {"counter": 0}
     assert call("GET", "/session/counter", first).json == {"counter": 2}

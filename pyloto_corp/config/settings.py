@@ -43,6 +43,7 @@ class Var:
     SESSION_KEY_PREFIX: Final = "SESSION_KEY_PREFIX"
     SESSION_USER_KEY: Final = "SESSION_USER_KEY"
     SESSION_ROTATE_ON_LOGIN: Final = "SESSION_ROTATE_ON_LOGIN"
+    SESSION_MAX_PER_USER: Final = "SESSION_MAX_PER_USER"
     SESSION_COOKIE_NAME: Final = "SESSION_COOKIE_NAME"
     SESSION_COOKIE_SECURE: Final = "SESSION_COOKIE_SECURE"
     SESSION_COOKIE_HTTPONLY: Final = "SESSION_COOKIE_HTTPONLY"
@@ -211,6 +212,8 @@ class Settings:
     #: Seconds a process answers 503 at once after a store failure before one request tries
     #: the store again (0: off, every request spends its own timeout).
     session_store_cooldown: float = 1.0
+    #: Live sessions one user may have; a login beyond it ends that user's oldest (0: no cap).
+    session_max_per_user: int = 1000
     session_cookie_name: str = "session"
     #: ``None`` means "safe default": ``True`` when deployed (staging, production, Cloud Run).
     session_cookie_secure: bool | None = None
@@ -257,6 +260,7 @@ class Settings:
             "session_user_key": env.str(Var.SESSION_USER_KEY, None),
             "session_rotate_on_login": env.bool(Var.SESSION_ROTATE_ON_LOGIN, None),
             "session_store_cooldown": env.float(Var.SESSION_STORE_COOLDOWN, None),
+            "session_max_per_user": env.int(Var.SESSION_MAX_PER_USER, None),
             "session_cookie_name": env.str(Var.SESSION_COOKIE_NAME, None),
             "session_cookie_secure": env.bool(Var.SESSION_COOKIE_SECURE, None),
             "session_cookie_httponly": env.bool(Var.SESSION_COOKIE_HTTPONLY, None),
@@ -367,6 +371,11 @@ class Settings:
             problems.append(
                 f"{Var.SESSION_STORE_COOLDOWN} must be 0 (off) to 60 seconds (default 1): how "
                 "long a process answers 503 at once after the store failed."
+            )
+        if not 0 <= self.session_max_per_user <= 1_000_000:
+            problems.append(
+                f"{Var.SESSION_MAX_PER_USER} must be 0 (no cap) to 1000000 sessions per user "
+                "(default 1000)."
             )
         problems += self._lifetime_problems()
         if not 1024 <= self.session_max_bytes <= 64 * 1024 * 1024:
@@ -516,6 +525,7 @@ class Settings:
             Var.SESSION_USER_KEY: self.session_user_key,
             Var.SESSION_ROTATE_ON_LOGIN: self.session_rotate_on_login,
             Var.SESSION_STORE_COOLDOWN: self.session_store_cooldown,
+            Var.SESSION_MAX_PER_USER: self.session_max_per_user,
             Var.SESSION_COOKIE_NAME: self.session_cookie_name,
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,

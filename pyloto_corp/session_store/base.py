@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
@@ -33,6 +34,7 @@ from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
+from ..config.settings import MAX_LIFETIME
 from ..errors import SessionGone, SessionStoreUnavailable, SessionTooLarge, UnstorableValue
 from . import codec
 from .breaker import DEFAULT_COOLDOWN, Breaker
@@ -51,10 +53,16 @@ RETRY_AFTER_SECONDS = 5
 CREATED_AT = "_created_at"
 #: What ``check`` and ``info`` show instead of a URL or project when the app passes its client.
 CLIENT_GIVEN = "client given by the app"
-#: Keys the extension and Flask-Session keep; a session holding only these is empty.
+#: Session key holding when the session became its user's (epoch seconds, a float): a revoke of
+#: that user ends every session whose time is before the revoke's. Kept when the id rotates.
+USER_SINCE = "_user_since"
 #: Session key holding the Cloud Run service that wrote it (``Settings.session_service``).
 SERVICE = "_service"
-INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE})
+#: Keys the extension and Flask-Session keep; a session holding only these is empty.
+INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE})
+#: Store ids whose user this process remembers, so that the read of a logged-in session fetches
+#: its user's revocation mark in the same round trip (beyond it the memory is dropped, cheaply).
+OWNERS_REMEMBERED = 10_000
 #: How long the marker a login or a logout leaves where a session was (see :class:`Retired`)
 #: keeps answering for it: longer than any request that may still carry the old id.
 RETIRED_LINGER = timedelta(minutes=2)
@@ -64,6 +72,14 @@ CLOCK_SKEW_TOLERANCE = 300
 #: Starts the id of a session without a user (``.`` is not in an id's base64url alphabet, so no
 #: earlier id has it). See :meth:`StoreInterface.idle_lifetime`.
 ANONYMOUS_SID_MARK = "a."
+#: A creation time further than this from now (either way) is no time a session can have: the
+#: longest absolute lifetime allowed is 400 days.
+CREATION_TIME_RANGE = MAX_LIFETIME.total_seconds()
+#: Bytes of framing a stored record takes besides its keys and values: a 2-byte marker, and two
+#: 4-byte lengths per key (Redis's layout; every backend counts the same, so one limit means the
+#: same everywhere).
+RECORD_OVERHEAD = 2
+FIELD_OVERHEAD = 8
 
 
 class StoreOptions(ABC):
@@ -109,6 +125,10 @@ class Record:
     blob: bytes | None = None
     #: Whatever the backend needs to write the record back (Firestore: its stored expiry).
     version: object = None
+    #: The user whose revocation mark the backend fetched with the record (the ``user`` passed
+    #: to ``read``), and that mark (None: that user was never revoked).
+    mark_user: str | None = None
+    mark: float | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,7 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "rotate_on_login": settings.session_rotate_on_login,
         "service": settings.session_service,
         "cooldown": settings.session_store_cooldown,
+        "max_per_user": settings.session_max_per_user,
     }
 
 
@@ -184,26 +205,97 @@ def handle_of(store_id: str) -> str:
     return hashlib.sha256(b"pyloto-session-handle:" + store_id.encode()).hexdigest()[:32]
 
 
+def creation_time(value: object) -> float | None:
+    """A stored creation time that can be one: a finite number of epoch seconds within
+    ``CREATION_TIME_RANGE`` of now; None for anything else (NaN, a bool, a string, year 3000)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value) or abs(time.time() - value) > CREATION_TIME_RANGE:
+        return None
+    return float(value)
+
+
+def listed_since(fields: Mapping[str, bytes]) -> float | None:
+    """When a stored session became its user's, for a listing (USER_SINCE, else its creation
+    time, else now, as records of an early release); None when the record is malformed."""
+    try:
+        data = {
+            key: codec.unpack_value(fields[key])
+            for key in (USER_SINCE, CREATED_AT)
+            if key in fields
+        }
+    except ValueError:
+        return None
+    if CREATED_AT in data and creation_time(data[CREATED_AT]) is None:
+        return None
+    since = user_since(data)
+    return since if since > 0 else time.time()
+
+
+def began_before(fields: Mapping[str, bytes], at: float) -> bool:
+    """Whether a stored session became its user's before ``at``: what a revoke at ``at`` ends
+    (a malformed record, or one with no time at all, too)."""
+    try:
+        data = {
+            key: codec.unpack_value(fields[key])
+            for key in (USER_SINCE, CREATED_AT)
+            if key in fields
+        }
+    except ValueError:
+        return True
+    return user_since(data) < at
+
+
+def mark_lifetime(absolute_lifetime: timedelta) -> float:
+    """Seconds a revocation mark is kept: the absolute lifetime (no session it ends can outlive
+    that) and a day's margin for a request that rotated such a session while the revoke ran."""
+    return absolute_lifetime.total_seconds() + 86_400
+
+
+def user_since(data: Mapping[str, Any]) -> float:
+    """When a session became its user's: USER_SINCE, or for a session stored before it existed
+    its creation time; 0 when neither is a time (any revoke ends it)."""
+    since = creation_time(data.get(USER_SINCE))
+    if since is None:
+        since = creation_time(data.get(CREATED_AT))
+    return 0.0 if since is None else since
+
+
 def user_session(
-    store_id: str, fields: Mapping[str, bytes], lifetime: timedelta, seconds_left: float
+    store_id: str,
+    created: float,
+    lifetime: timedelta,
+    seconds_left: float,
+    now: float | None = None,
 ) -> UserSession:
-    """What ``user_sessions()`` shows of a record: when it began (``_created_at``) and when it
-    was last used (its idle expiry, slid by every use, minus the lifetime)."""
-    now = time.time()
-    raw = fields.get(CREATED_AT)
-    created = codec.unpack_value(raw) if raw is not None else None
-    started = created if isinstance(created, int | float) else now
+    """What ``user_sessions()`` shows of a session: when it began, and when it was last used
+    (its idle expiry, slid by every use, minus the lifetime)."""
+    now = time.time() if now is None else now
     last_seen = now - max(0.0, lifetime.total_seconds() - seconds_left)
     return UserSession(
         handle=handle_of(store_id),
-        created_at=datetime.fromtimestamp(started, UTC),
-        last_seen=datetime.fromtimestamp(max(started, last_seen), UTC),
+        created_at=datetime.fromtimestamp(created, UTC),
+        last_seen=datetime.fromtimestamp(max(created, last_seen), UTC),
     )
 
 
 def record_size(fields: Mapping[str, bytes]) -> int:
-    """Bytes a record takes: its keys and encoded values (what SESSION_MAX_BYTES limits)."""
-    return sum(len(key.encode("utf-8", "surrogatepass")) + len(raw) for key, raw in fields.items())
+    """Bytes a record takes stored: its keys, their encoded values and the framing around
+    them (what SESSION_MAX_BYTES limits)."""
+    size = RECORD_OVERHEAD
+    for key, raw in fields.items():
+        size += FIELD_OVERHEAD + len(key.encode("utf-8", "surrogatepass")) + len(raw)
+    return size
+
+
+def payload_size(record: Record) -> int:
+    """Bytes of a stored record less its framing: what the previous release held under
+    SESSION_MAX_BYTES, so a record it wrote is never refused on reading."""
+    if record.fields is None:
+        return len(record.blob or b"")
+    return sum(
+        len(key.encode("utf-8", "surrogatepass")) + len(raw) for key, raw in record.fields.items()
+    )
 
 
 def is_anonymous_sid(sid: str) -> bool:
@@ -352,6 +444,7 @@ class StoreInterface(ServerSideSessionInterface):
         service: str | None = None,
         cooldown: float = DEFAULT_COOLDOWN,
         anonymous_lifetime: timedelta = timedelta(minutes=30),
+        max_per_user: int = 1000,
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
         self.absolute_lifetime = absolute_lifetime
@@ -362,15 +455,22 @@ class StoreInterface(ServerSideSessionInterface):
         self.service = service
         #: After a store failure, this process answers 503 at once for a cool-down (breaker.py).
         self.breaker = Breaker(cooldown)
+        self.max_per_user = max_per_user
+        #: Store id -> its user, as this process last saw it (see ``read``'s ``user``).
+        self._owners: dict[str, str] = {}
         self._client_lock = threading.Lock()
 
     # -- the contract: what each backend implements ------------------------------------------------
 
     @abstractmethod
-    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
+    def read(
+        self, store_id: str, lifetime: timedelta, user: str | None = None
+    ) -> Record | Retired | None:
         """The stored record, its idle expiry slid to ``lifetime`` from now; the marker a login
         or a logout left (:meth:`retire`); None when absent. One round trip when a record is
-        there: this runs on every request that carries a session cookie."""
+        there: this runs on every request that carries a session cookie. ``user``: the user
+        this process last saw the session hold; a backend that can fetch that user's revocation
+        mark in the same round trip returns it in the record (``mark_user``)."""
 
     @abstractmethod
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
@@ -406,11 +506,26 @@ class StoreInterface(ServerSideSessionInterface):
         lazily). A record gone meanwhile is left gone."""
 
     # -- the user index ("log out everywhere") ---------------------------------------------------
+    #
+    # Two parts. The revocation mark (one value per user: the time of the user's last revoke) is
+    # what makes a revoke final: every read of a session that has a user compares the session's
+    # USER_SINCE with it, so a session the index lost, or one a racing login put there a moment
+    # after the listing, still ends. The index only lists: a page at a time, never read whole,
+    # never deleted whole.
+
+    @abstractmethod
+    def revoked_at(self, user: str) -> float | None:
+        """The time of ``user``'s last revoke (None: none live); one store operation."""
+
+    @abstractmethod
+    def mark_revoked(self, user: str, at: float) -> None:
+        """From now on, every session of ``user`` whose USER_SINCE is before ``at`` is ended.
+        The mark lasts the absolute lifetime (and a margin): no such session can outlive it."""
 
     @abstractmethod
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
-        """The live sessions that belong to ``user`` now, by store id. Expired ones are left
-        out (and dropped from any index on the way)."""
+        """The live sessions the index holds for ``user`` now, by store id, without reading any
+        session's data. Expired ones are left out (and dropped from the index on the way)."""
 
     def index(self, store_id: str, user: str) -> None:
         """``store_id`` now belongs to ``user``: one store operation at most. Stores that keep
@@ -419,16 +534,63 @@ class StoreInterface(ServerSideSessionInterface):
     def unindex(self, store_id: str, user: str) -> None:
         """``store_id`` no longer belongs to ``user`` (logout, or the record was deleted)."""
 
-    def revoke(self, user: str, keep: str | None = None) -> int:
-        """End every session of ``user`` but ``keep`` (a store id); how many ended. The records
-        are deleted, so a request of such a session already running cannot write it back."""
+    def revoke(self, user: str, keep: Collection[str], before: float) -> int:
+        """Delete the sessions the index holds for ``user`` that began before ``before``, but
+        those in ``keep`` (store ids); how many were deleted. The mark is already set: this only
+        frees the records, and makes a request of them that is already running answer 409."""
         ended = 0
-        for store_id in self.find_user_sessions(user, timedelta(0)):
-            if store_id != keep:
-                self.delete(store_id)
+        for store_id, found in self.find_user_sessions(user, timedelta(0)).items():
+            if store_id not in keep and found.created_at.timestamp() < before:
+                if self.delete(store_id):
+                    ended += 1
                 self.unindex(store_id, user)
-                ended += 1
         return ended
+
+    def end_user_sessions(self, user: str, current: StoreSession | None = None) -> int:
+        """End every session of ``user`` (but ``current``, when it is one of them); how many
+        records were deleted (sessions the index did not know end at their next request)."""
+        at = time.time()
+        keep: set[str] = set()
+        if current is not None and self.user_of(current) == user:
+            keep = self._keep_through(current, at)
+        self.mark_revoked(user, at)
+        return self.revoke(user, keep, at)
+
+    def _keep_through(self, session: StoreSession, at: float) -> set[str]:
+        """The kept session's USER_SINCE moves to the revoke's time, in the store before the
+        mark is set (so no request of it ever reads as revoked) and in this request's copy."""
+        dict.__setitem__(session, USER_SINCE, at)
+        store_id = self.store_id(session.sid)
+        keep = {store_id} if session.replaces is None else {store_id, session.replaces}
+        stored = session.stored
+        if stored is None:
+            return keep  # written at the end of the request, with the new time
+        raw = codec.pack_value(USER_SINCE, at)
+        changes = Changes(set={USER_SINCE: raw}, delete=(), whole=False)
+        lifetime = self.idle_lifetime(self.app, session.sid)
+        if not self.update(store_id, changes, lifetime, stored):
+            return set()  # ended meanwhile: nothing to keep
+        if stored.fields is not None:
+            session.stored = replace(stored, fields={**stored.fields, USER_SINCE: raw})
+        return keep
+
+    def _revoked(self, record: Record, data: dict[str, Any], user: str, store_id: str) -> bool:
+        """The session's user was revoked after the session became theirs: it ends now."""
+        mark = record.mark if record.mark_user == user else self.revoked_at(user)
+        if mark is None or user_since(data) >= mark:
+            return False
+        self.delete(store_id)
+        self._owners.pop(store_id, None)
+        logger.info("Ended session %s: its user's sessions were revoked", store_id)
+        return True
+
+    def _remember(self, store_id: str, user: str | None) -> None:
+        if user is None:
+            self._owners.pop(store_id, None)
+            return
+        if len(self._owners) >= OWNERS_REMEMBERED:
+            self._owners.clear()
+        self._owners[store_id] = user
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -439,7 +601,8 @@ class StoreInterface(ServerSideSessionInterface):
         store_id = self.store_id(sid)
         try:
             with self.breaker.guard():
-                record = self.read(store_id, self.idle_lifetime(app, sid))
+                user = self._owners.get(store_id)
+                record = self.read(store_id, self.idle_lifetime(app, sid), user)
                 if isinstance(record, Retired):
                     if record.live:
                         return self.session_class(sid=sid, retired=record)
@@ -447,21 +610,38 @@ class StoreInterface(ServerSideSessionInterface):
                 data = None if record is None else self.decode(record, store_id)
                 if data is not None and not self._is_ours(data, store_id):
                     data = None
+                owner = None if data is None else self.user_of(data)
+                if record is not None and data is not None and owner is not None:
+                    if self._revoked(record, data, owner, store_id):
+                        data = None
+                    else:
+                        self._remember(store_id, owner)
         except SessionStoreUnavailable:
             stand_in = UnavailableSession(sid=self._generate_sid(self.sid_length))
             after_this_request(stand_in.after_view)
             return stand_in
         if record is None or data is None:
             return self.new_session()
-        return self.session_class(data, sid=sid, stored=record, owner=self.user_of(data))
+        return self.session_class(data, sid=sid, stored=record, owner=owner)
 
     def new_session(self) -> StoreSession:
         sid = ANONYMOUS_SID_MARK + self._generate_sid(self.sid_length)  # no user yet
         return self.session_class(sid=sid, permanent=self.permanent)
 
-    @staticmethod
-    def decode(record: Record, store_id: str) -> dict[str, Any] | None:
-        """The session a record holds; None (and a warning) when it does not decode."""
+    def decode(self, record: Record, store_id: str) -> dict[str, Any] | None:
+        """The session a record holds; None (and a warning) when it does not decode, or is
+        larger than SESSION_MAX_BYTES (planted, or stored under a larger limit): such a record
+        would fail every write of its session."""
+        size = payload_size(record)
+        if size > self.max_bytes:
+            logger.warning(
+                "Discarded session data at %s: %d bytes, over SESSION_MAX_BYTES (%d); starting "
+                "a fresh session",
+                store_id,
+                size,
+                self.max_bytes,
+            )
+            return None
         try:
             if record.fields is not None:
                 return {key: codec.unpack_value(raw) for key, raw in record.fields.items()}
@@ -489,11 +669,14 @@ class StoreInterface(ServerSideSessionInterface):
 
     def _within_absolute_lifetime(self, data: dict[str, Any], store_id: str) -> bool:
         """Past the absolute timeout: the record is deleted. Created in the future beyond the
-        skew tolerance: ignored, not deleted."""
-        created = data.get(CREATED_AT)
-        if created is None:
+        skew tolerance: ignored, not deleted. A creation time that is no time (NaN, infinite,
+        not a number, more than 400 days away) makes the record malformed: ignored, with a
+        warning, so no value can switch the absolute timeout off."""
+        raw = data.get(CREATED_AT)
+        if raw is None:
             return True
-        if not isinstance(created, int | float) or isinstance(created, bool):
+        created = creation_time(raw)
+        if created is None:
             logger.warning("Ignored session %s with a malformed creation time", store_id)
             return False
         age = time.time() - created
@@ -587,6 +770,7 @@ class StoreInterface(ServerSideSessionInterface):
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         if self.service is not None and SERVICE not in session:
             dict.__setitem__(session, SERVICE, self.service)
+        self._stamp_user(session)
         fields = self.encode(session)
         rewritten = session.stored is None
         if session.stored is not None:
@@ -622,6 +806,8 @@ class StoreInterface(ServerSideSessionInterface):
             # Logged out or revoked while this request ran: its copy must not outlive it.
             self.delete(store_id)
             raise SessionGone
+        self._owners.pop(session.replaces, None)
+        self._remember(store_id, user)
         if session.owner is not None:
             try:
                 self.unindex(session.replaces, session.owner)
@@ -629,10 +815,20 @@ class StoreInterface(ServerSideSessionInterface):
                 logger.warning("Left a stale user-index entry after a login: %s", exc)
         session.owner = user
 
+    def _stamp_user(self, session: StoreSession) -> None:
+        """USER_SINCE: now when the user appears or changes (a login), kept as it is while the
+        user stays (an id rotation must not move it past a revoke), gone with the user."""
+        user = self.user_of(session)
+        if user is None:
+            dict.pop(session, USER_SINCE, None)
+        elif user != session.owner:
+            dict.__setitem__(session, USER_SINCE, time.time())
+
     def _reindex(self, session: StoreSession, store_id: str, rewritten: bool) -> None:
         """Keep the user index in step when the session's user appears, changes or goes (and
         when a record is written whole: a new session, or one an earlier release stored)."""
         user = self.user_of(session)
+        self._remember(store_id, user)
         if user == session.owner and not (rewritten and user is not None):
             return
         if session.owner is not None and session.owner != user:
@@ -646,6 +842,7 @@ class StoreInterface(ServerSideSessionInterface):
         carrying the id can neither write it back nor start a session in its place."""
         for stale in self._stale_ids(session, store_id):
             self.retire(stale, Retired.now(None))
+            self._owners.pop(stale, None)
             if session.owner is not None:
                 self.unindex(stale, session.owner)
         session.owner = None

@@ -33,11 +33,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import hashlib
 import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -57,13 +58,17 @@ from . import codec
 from .base import (
     CLIENT_GIVEN,
     CREATED_AT,
+    USER_SINCE,
     Changes,
     Record,
     Retired,
     StoreInterface,
     StoreOptions,
     UserSession,
+    began_before,
     interface_options,
+    listed_since,
+    mark_lifetime,
     user_session,
 )
 
@@ -93,6 +98,10 @@ MAX_KEY_BYTES = 1000
 RETIRED_SUFFIX = "~retired"
 RETIRED_TO = "retired_to"
 RETIRED_UNTIL = "retired_until"
+#: The field of a user's revocation-mark document holding the revoke's time (epoch seconds).
+MARK_FIELD = "revoked_at"
+#: Documents per query page when listing or revoking a user's sessions.
+QUERY_PAGE = 500
 
 
 def is_valid_collection_id(name: str) -> bool:
@@ -247,6 +256,19 @@ def _check_key_length(key: str) -> None:
         )
 
 
+_SINCE_PATHS = tuple(FieldPath(FIELDS, key).to_api_repr() for key in (USER_SINCE, CREATED_AT))
+
+
+def _since_fields(document: Mapping[str, Any]) -> dict[str, bytes]:
+    """The session keys a listing reads, from a document fetched with ``_SINCE_PATHS``."""
+    stored = document.get(FIELDS)
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        key: raw for key in (USER_SINCE, CREATED_AT) if isinstance(raw := stored.get(key), bytes)
+    }
+
+
 def session_key(name: str) -> str:
     if not name.startswith(_ENCODED):
         return name
@@ -343,7 +365,9 @@ class FirestoreSessionInterface(StoreInterface):
 
     # -- the contract ------------------------------------------------------------------------------
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
+    def read(
+        self, store_id: str, lifetime: timedelta, user: str | None = None
+    ) -> Record | Retired | None:
         if not is_valid_collection_id(store_id):
             return None
         snapshot = self._call(self._document(store_id).get)
@@ -490,14 +514,6 @@ class FirestoreSessionInterface(StoreInterface):
 
     # -- the user index: the ``user`` field, queried with an equality filter -----------------------
 
-    def _user_documents(self, user: str) -> list[Any]:
-        """The user's session documents of this service. The query (one equality filter: the
-        default single-field index serves it) also finds those of other services sharing the
-        collection under another SESSION_KEY_PREFIX; only this prefix's ids are kept."""
-        collection = self.client.collection(self.collection)
-        query = collection.where(filter=FieldFilter(USER_FIELD, "==", user))
-        return [snapshot for snapshot in self._call(query.get) if self._owns(snapshot.id)]
-
     def _owns(self, store_id: str) -> bool:
         """Whether a document id is one of this service's sessions: the prefix, then a sha256 in
         hex and nothing more (a prefix may begin another one: ``session:`` and ``session:b:``)."""
@@ -505,31 +521,94 @@ class FirestoreSessionInterface(StoreInterface):
             _HASHED_ID.fullmatch(store_id, len(self.key_prefix))
         )
 
+    def _mark_document(self, user: str) -> firestore.DocumentReference:
+        """The user's revocation mark: a document beside the sessions, in the prefix's space
+        (``expires_at`` set, so the TTL policy and ``cleanup`` remove it like a session)."""
+        digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
+        return self._document(f"{self.key_prefix}revoked-{digest}")
+
+    def revoked_at(self, user: str) -> float | None:
+        snapshot = self._call(self._mark_document(user).get)
+        document = (snapshot.to_dict() or {}) if snapshot.exists else {}
+        at, expires_at = document.get(MARK_FIELD), document.get("expires_at")
+        if not isinstance(expires_at, datetime) or expires_at <= _now():
+            return None
+        return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+
+    def mark_revoked(self, user: str, at: float) -> None:
+        expires_at = _now() + timedelta(seconds=mark_lifetime(self.absolute_lifetime))
+        self._call(self._mark_document(user).set, {MARK_FIELD: at, "expires_at": expires_at})
+
+    def _user_pages(self, user: str) -> Iterator[list[Any]]:
+        """The user's session documents, a page at a time, with only what a listing needs
+        (never a session's data)."""
+        collection = self.client.collection(self.collection)
+        query = (
+            collection.where(filter=FieldFilter(USER_FIELD, "==", user))
+            .select(["expires_at", *_SINCE_PATHS])
+            .limit(QUERY_PAGE)
+        )
+        after = None
+        while True:
+            page = list(self._call((query if after is None else query.start_after(after)).get))
+            # The query also finds documents of other services sharing the collection under
+            # another SESSION_KEY_PREFIX: only this prefix's ids are kept.
+            mine = [snapshot for snapshot in page if self._owns(snapshot.id)]
+            if mine:
+                yield mine
+            if len(page) < QUERY_PAGE:
+                return
+            after = page[-1]
+
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
+        """The user's live documents that their last revoke did not end; beyond
+        SESSION_MAX_PER_USER the oldest are deleted here (Firestore has no login-time hook
+        that could count them without a query)."""
         now = _now()
+        mark = self.revoked_at(user)
         found: dict[str, UserSession] = {}
-        for snapshot in self._user_documents(user):
-            document = snapshot.to_dict() or {}
-            expires_at, data = document.get("expires_at"), document.get(FIELDS)
-            if not isinstance(expires_at, datetime) or expires_at <= now:
-                continue  # expired: the TTL policy or `cleanup` deletes it
-            fields = {}
-            if isinstance(data, dict) and isinstance(data.get(CREATED_AT), bytes):
-                fields[CREATED_AT] = data[CREATED_AT]
-            left = (expires_at - now).total_seconds()
-            found[snapshot.id] = user_session(snapshot.id, fields, lifetime, left)
+        for page in self._user_pages(user):
+            for snapshot in page:
+                document = snapshot.to_dict() or {}
+                expires_at = document.get("expires_at")
+                if not isinstance(expires_at, datetime) or expires_at <= now:
+                    continue  # expired: the TTL policy or `cleanup` deletes it
+                fields = _since_fields(document)
+                since = listed_since(fields)
+                if since is None or (mark is not None and began_before(fields, mark)):
+                    continue  # malformed, or revoked: no session
+                left = (expires_at - now).total_seconds()
+                found[snapshot.id] = user_session(snapshot.id, since, lifetime, left)
+        over = len(found) - self.max_per_user
+        if self.max_per_user > 0 and over > 0:
+            oldest = sorted(found, key=lambda store_id: found[store_id].created_at)[:over]
+            self._delete_all(oldest)
+            for store_id in oldest:
+                del found[store_id]
         return found
 
-    def revoke(self, user: str, keep: str | None = None) -> int:
-        """Delete the user's live sessions in batches of up to 500."""
-        targets = [s for s in self.find_user_sessions(user, timedelta(0)) if s != keep]
+    def revoke(self, user: str, keep: Collection[str], before: float) -> int:
+        """Delete, a page at a time, the user's documents that became theirs before the
+        revoke (a login landing after it stays), but the kept ones."""
+        ended, now = 0, _now()
+        for page in self._user_pages(user):
+            targets = []
+            for snapshot in page:
+                document = snapshot.to_dict() or {}
+                if snapshot.id not in keep and began_before(_since_fields(document), before):
+                    targets.append(snapshot.id)
+                    expires_at = document.get("expires_at")
+                    ended += isinstance(expires_at, datetime) and expires_at > now
+            self._delete_all(targets)  # the expired too: they would wait for the TTL policy
+        return ended
+
+    def _delete_all(self, store_ids: list[str]) -> None:
         collection = self.client.collection(self.collection)
-        for start in range(0, len(targets), DELETE_BATCH_SIZE):
+        for start in range(0, len(store_ids), DELETE_BATCH_SIZE):
             batch = self.client.batch()
-            for store_id in targets[start : start + DELETE_BATCH_SIZE]:
+            for store_id in store_ids[start : start + DELETE_BATCH_SIZE]:
                 batch.delete(collection.document(store_id))
             self._call(batch.commit)
-        return len(targets)
 
     # -- operations --------------------------------------------------------------------------------
 

@@ -11,14 +11,16 @@ already running brings the old id back. Flask-Login users: call it before ``logo
 
 ``user_sessions(user_id)`` and ``revoke_user_sessions(user_id)``: every session whose
 ``SESSION_USER_KEY`` (Flask-Login's ``_user_id`` by default) holds ``user_id``, listed or ended
-at once (a password change, a compromised account, "sign out other devices").
+at once (a password change, a compromised account, "sign out other devices"). A revoke stores a
+per-user mark that every later read of the user's sessions checks, so it holds for sessions no
+listing found.
 """
 
 from __future__ import annotations
 
 from flask import current_app, has_request_context, session
 
-from .base import StoreInterface, UserSession
+from .base import StoreInterface, StoreSession, UserSession
 
 
 def _interface() -> StoreInterface:
@@ -47,21 +49,22 @@ def user_sessions(user_id: object) -> list[UserSession]:
     return sorted(found.values(), key=lambda item: (item.created_at, item.handle))
 
 
-def _current_store_id(interface: StoreInterface) -> str | None:
+def _current_session(interface: StoreInterface) -> StoreSession | None:
     if not has_request_context():
         return None
-    sid = getattr(session, "sid", None)
-    return interface.store_id(sid) if isinstance(sid, str) else None
+    current = session._get_current_object()  # type: ignore[attr-defined]
+    return current if isinstance(current, StoreSession) else None
 
 
 def revoke_user_sessions(user_id: object, *, keep_current: bool = False) -> int:
     """End every session of ``user_id`` (but the current request's, with ``keep_current``);
-    how many ended. A request of a revoked session that is already running cannot write it
-    back (a write answers 409), the current request's included: after a password change keep
-    the current session (``keep_current=True``) and rotate its id instead."""
+    how many were deleted. Final: a session the index missed (lost, evicted, or a login racing
+    the revoke) ends at its next request, and a request of a revoked session that is already
+    running cannot write it back (a write answers 409), the current request's included: after
+    a password change keep the current session (``keep_current=True``) and rotate its id."""
     interface = _interface()
-    keep = _current_store_id(interface) if keep_current else None
-    return interface.revoke(str(user_id), keep)
+    current = _current_session(interface) if keep_current else None
+    return interface.end_user_sessions(str(user_id), current)
 
 
 def revoke_session(user_id: object, handle: str) -> bool:

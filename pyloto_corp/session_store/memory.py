@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -28,7 +28,10 @@ from .base import (
     StoreInterface,
     StoreOptions,
     UserSession,
+    began_before,
     interface_options,
+    listed_since,
+    mark_lifetime,
     record_size,
     user_session,
 )
@@ -67,6 +70,8 @@ class MemoryStore:
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.max_sessions = max_sessions
         self._items: dict[str, tuple[dict[str, bytes] | Retired, float]] = {}
+        #: User -> (time of their last revoke, monotonic expiry of that mark).
+        self._marks: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def _live(self, key: str, now: float) -> dict[str, bytes] | Retired | None:
@@ -141,6 +146,17 @@ class MemoryStore:
                 if exp > now and isinstance(f, dict)
             ]
 
+    def mark(self, user: str, at: float, ttl: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for name in [u for u, (_, expires) in self._marks.items() if expires <= now]:
+                del self._marks[name]
+            self._marks[user] = (at, now + ttl)
+
+    def marked(self, user: str) -> float | None:
+        item = self._marks.get(user)
+        return None if item is None or item[1] <= time.monotonic() else item[0]
+
     def _evict(self, now: float) -> None:
         for key in [k for k, (_, expires) in self._items.items() if expires <= now]:
             del self._items[key]
@@ -155,7 +171,9 @@ class MemorySessionInterface(StoreInterface):
         super().__init__(app, **options)
         self.store = store
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
+    def read(
+        self, store_id: str, lifetime: timedelta, user: str | None = None
+    ) -> Record | Retired | None:
         fields = self.store.get(store_id, lifetime.total_seconds())
         return fields if fields is None or isinstance(fields, Retired) else Record(fields)
 
@@ -179,14 +197,54 @@ class MemorySessionInterface(StoreInterface):
         """Always answers: it is this process."""
         return {}
 
+    def revoked_at(self, user: str) -> float | None:
+        return self.store.marked(user)
+
+    def mark_revoked(self, user: str, at: float) -> None:
+        self.store.mark(user, at, mark_lifetime(self.absolute_lifetime))
+
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
-        """A scan of the process's sessions: development has few."""
+        """A scan of the process's sessions (development has few), with the same rules as the
+        shared stores: a session its user's revoke ended is not listed, nor a malformed one."""
         found: dict[str, UserSession] = {}
+        mark = self.store.marked(user)
         for store_id, fields, left in self.store.live():
             owner = fields.get(self.user_key)
-            if owner is not None and str(codec.unpack_value(owner)) == user:
-                found[store_id] = user_session(store_id, fields, lifetime, left)
+            if owner is None or _text(owner) != user:
+                continue
+            since = listed_since(fields)
+            if since is not None and (mark is None or not began_before(fields, mark)):
+                found[store_id] = user_session(store_id, since, lifetime, left)
         return found
+
+    def revoke(self, user: str, keep: Collection[str], before: float) -> int:
+        ended = 0
+        for store_id, fields, _ in self.store.live():
+            owner = fields.get(self.user_key)
+            if owner is None or _text(owner) != user or store_id in keep:
+                continue
+            if began_before(fields, before) and self.store.delete(store_id):
+                ended += 1
+        return ended
+
+    def index(self, store_id: str, user: str) -> None:
+        """No index to keep; the cap on sessions per user is applied here, at the login."""
+        if self.max_per_user <= 0:
+            return
+        found = self.find_user_sessions(user, timedelta(0))
+        if len(found) > self.max_per_user:
+            oldest = sorted(found, key=lambda key: found[key].created_at)
+            for stale in oldest[: len(found) - self.max_per_user]:
+                if stale != store_id:
+                    self.store.delete(stale)
+
+
+def _text(raw: bytes) -> str | None:
+    try:
+        value = codec.unpack_value(raw)
+    except ValueError:
+        return None
+    return None if value is None else str(value)
 
 
 def create_interface(

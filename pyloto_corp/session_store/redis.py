@@ -28,9 +28,9 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import unquote
 
@@ -46,7 +46,6 @@ from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConn
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable
-from . import codec
 from .base import (
     CLIENT_GIVEN,
     RETIRED_LINGER,
@@ -56,8 +55,9 @@ from .base import (
     StoreInterface,
     StoreOptions,
     UserSession,
+    handle_of,
     interface_options,
-    user_session,
+    mark_lifetime,
 )
 
 if TYPE_CHECKING:
@@ -97,9 +97,12 @@ RETIRED_SUFFIX: Final = "~retired"
 #: and values set, then the keys deleted. Modes: 'create' (only if absent), 'whole' (replace an
 #: existing record), 'merge' (apply to an existing record in this layout). Returns 'ok', 'gone',
 #: 'taken', 'format' (merge, but the record is an earlier release's: write it whole) or the
-#: merged size when it exceeds the limit (nothing written then). Declared with a shebang (Redis
-#: 7+), so an out-of-memory server refuses it before it starts, never half-way. It uses only
-#: commands the app never sends itself (GETRANGE, PSETEX), so each call counts as one round trip.
+#: merged size when it exceeds the limit (nothing written then). The size counts the framing
+#: (what the record takes stored), and a stored record already over the limit (planted: no write
+#: makes one) is refused by its length before it is read or parsed, so no record costs Redis more
+#: than the limit's worth of work. Declared with a shebang (Redis 7+), so an out-of-memory server
+#: refuses it before it starts, never half-way. It uses only commands the app never sends itself
+#: (STRLEN, GETRANGE, PSETEX), so each call counts as one round trip.
 WRITE_SCRIPT = """#!lua
 local key, ttl, limit, mode = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local count = tonumber(ARGV[4])
@@ -112,6 +115,8 @@ elseif not exists then
 end
 local values, order = {}, {}
 if mode == 'merge' then
+  local length = redis.call('STRLEN', key)
+  if length > limit then return length end
   local stored = redis.call('GETRANGE', key, 0, -1)
   if string.sub(stored, 1, 2) ~= marker then return 'format' end
   local at = 3
@@ -132,12 +137,12 @@ end
 for i = first_deleted, #ARGV do
   values[ARGV[i]] = nil
 end
-local parts, total = {marker}, 0
+local parts, total = {marker}, #marker
 for _, name in ipairs(order) do
   local value = values[name]
   if value then
     parts[#parts + 1] = struct.pack('>I4', #name) .. name .. struct.pack('>I4', #value) .. value
-    total = total + #name + #value
+    total = total + 8 + #name + #value
   end
 end
 if total > limit then return total end
@@ -160,14 +165,70 @@ return 1
 """
 
 #: KEYS[1] a user's index (a sorted set of store ids scored by login time); ARGV: the store id,
-#: now, the oldest login time that can still be live (now - absolute lifetime), and the index's
-#: own lifetime. Entries past the absolute lifetime are dropped here, so the index stays bounded.
+#: now, the oldest login time that can still be live (now - absolute lifetime), the index's own
+#: lifetime, and the cap on entries (0: none). Entries past the absolute lifetime are dropped
+#: here, and the oldest beyond the cap popped and returned (the caller ends those sessions), so
+#: the index stays bounded. The index only lists: a revoke is final through the user's mark.
 INDEX_SCRIPT = """#!lua
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+local cap = tonumber(ARGV[5])
+if cap > 0 then
+  local over = redis.call('ZCARD', KEYS[1]) - cap
+  if over > 0 then
+    local popped, members = redis.call('ZPOPMIN', KEYS[1], over), {}
+    for i = 1, #popped, 2 do members[#members + 1] = popped[i] end
+    return members
+  end
+end
+return {}
+"""
+
+#: KEYS[1] a user's revocation mark; ARGV: the revoke's time, the mark's lifetime (ms). A script
+#: only so that the store's ACL user needs no SET (its scripts already PSETEX).
+MARK_SCRIPT = """#!lua
+redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
 return 1
 """
+
+#: KEYS[1] a user's index; ARGV: the revoke's time, a page size, then the store ids to keep.
+#: Removes and returns up to a page of entries indexed before the revoke (never the kept ones):
+#: the caller unlinks those sessions, then asks for the next page, so neither the index nor the
+#: reply is ever handled whole, and an entry added meanwhile (a login after the revoke) stays.
+POP_SCRIPT = """#!lua
+local page, keep = tonumber(ARGV[2]), {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local limit = page + #ARGV - 2
+local members = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, limit)
+local out = {}
+for _, member in ipairs(members) do
+  if not keep[member] and #out < page then out[#out + 1] = member end
+end
+if #out > 0 then redis.call('ZREM', KEYS[1], unpack(out)) end
+return out
+"""
+
+#: ARGV: session keys (all on the node it runs on, on a cluster); each one's PTTL, in order.
+#: One command per page of a listing, however many keys, and a reply hiredis parses in C
+#: (per-key commands cost redis-py ~20-60 µs each in Python). The keys are arguments, not
+#: declared keys: a cluster refuses declared keys of several slots, and allows a script with
+#: allow-cross-slot-keys to read keys of any slot its node serves.
+PTTL_SCRIPT = """#!lua flags=no-writes,allow-cross-slot-keys
+local out = {}
+for i, key in ipairs(ARGV) do out[i] = redis.call('PTTL', key) end
+return out
+"""
+
+#: KEYS[1] a user's index; ARGV: first and last rank. A page of entries and their scores, as one
+#: flat reply (redis-py pairs a ZRANGE WITHSCORES reply in Python, ~2.5 µs an entry).
+LIST_SCRIPT = """#!lua flags=no-writes
+return redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'WITHSCORES')
+"""
+
+#: Index entries handled per round trip when listing or revoking (bounds time and memory per
+#: step whatever the index holds).
+PAGE = 5000
 
 
 @dataclass(frozen=True, repr=False)
@@ -439,7 +500,15 @@ class RedisSessionInterface(StoreInterface):
         self.errors = errors
         self._client_factory = client_factory
         self.display_url = display_url
-        scripts = (WRITE_SCRIPT, RETIRE_SCRIPT, INDEX_SCRIPT)
+        scripts = (
+            WRITE_SCRIPT,
+            RETIRE_SCRIPT,
+            INDEX_SCRIPT,
+            MARK_SCRIPT,
+            POP_SCRIPT,
+            PTTL_SCRIPT,
+            LIST_SCRIPT,
+        )
         self._scripts = {source: _sha1(source) for source in scripts}
 
     @property
@@ -481,11 +550,24 @@ class RedisSessionInterface(StoreInterface):
         except Exception as exc:
             raise self._unavailable(exc) from None
 
-    def read(self, store_id: str, lifetime: timedelta) -> Record | Retired | None:
+    def read(
+        self, store_id: str, lifetime: timedelta, user: str | None = None
+    ) -> Record | Retired | None:
+        """``GETEX``; with ``user``, pipelined with a ``GET`` of that user's revocation mark:
+        two commands in one round trip (on a cluster, one to each node, sent before either
+        reply is read)."""
         # execute_command skips redis-py's keyword parsing for GETEX (a few µs on every
         # request); the command sent is the same.
         client: Any = self.client
-        data = self._call(client.execute_command, "GETEX", store_id, "EX", _seconds(lifetime))
+        if user is None:
+            data = self._call(client.execute_command, "GETEX", store_id, "EX", _seconds(lifetime))
+            mark = None
+        else:
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("GETEX", store_id, "EX", _seconds(lifetime))
+            pipe.execute_command("GET", self.mark_key(user))
+            data, raw_mark = self._call(pipe.execute)
+            mark = _time(raw_mark)
         if data is None:
             # No session: a retired id's marker, if any (a second round trip, only for an id
             # with no session: expired, retired or never issued).
@@ -494,11 +576,13 @@ class RedisSessionInterface(StoreInterface):
                 return _retired(marker) if len(marker) >= _RETIRED_HEAD else None
             return None
         if data[:2] != RECORD_MARKER:
-            return Record(None, blob=data)  # stored whole by an earlier release
+            # Stored whole by an earlier release.
+            return Record(None, blob=data, mark_user=user, mark=mark)
         try:
-            return Record(parse_record(data))
+            return Record(parse_record(data), mark_user=user, mark=mark)
         except ValueError:
-            return Record(None, blob=data)  # undecodable: decode() discards it with a warning
+            # Undecodable: decode() discards it with a warning.
+            return Record(None, blob=data, mark_user=user, mark=mark)
 
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
         return self._apply(store_id, "create", fields, (), lifetime) == b"ok"
@@ -552,59 +636,121 @@ class RedisSessionInterface(StoreInterface):
         digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()
         return f"{self.key_prefix}user:{{{digest}}}"
 
+    def mark_key(self, user: str) -> str:
+        """The user's revocation mark, in the slot of their index."""
+        return self.index_key(user) + ":revoked"
+
+    def revoked_at(self, user: str) -> float | None:
+        return _time(self._call(self.client.get, self.mark_key(user)))
+
+    def mark_revoked(self, user: str, at: float) -> None:
+        milliseconds = int(mark_lifetime(self.absolute_lifetime) * 1000)
+        self._script(MARK_SCRIPT, self.mark_key(user), repr(at), milliseconds)
+
     def index(self, store_id: str, user: str) -> None:
         now = time.time()
         absolute = self.absolute_lifetime.total_seconds()
-        self._script(
+        popped = self._script(
             INDEX_SCRIPT,
             self.index_key(user),
             store_id,
             repr(now),
             repr(now - absolute),
             int(absolute) + 60,
+            self.max_per_user,
         )
+        if popped:  # beyond SESSION_MAX_PER_USER: the user's oldest sessions end
+            self._unlink(popped)
 
     def unindex(self, store_id: str, user: str) -> None:
         self._call(self.client.zrem, self.index_key(user), store_id)
 
     def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
-        """The index's members that still exist and still belong to ``user``; the others (expired,
-        logged out, taken over) are dropped from the index on the way."""
+        """The index a page at a time: each entry's ``PTTL`` (never the session's data) says
+        whether it is live and when it was last used, its score when it began; entries whose
+        session is gone are dropped from the index on the way."""
+        client: Any = self.client
         index = self.index_key(user)
-        members = [m.decode() for m in self._call(self.client.zrange, index, 0, -1)]
-        if not members:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        for member in members:
-            pipe.get(member)
-            pipe.pttl(member)
-        replies = self._call(pipe.execute, raise_on_error=False)
         found: dict[str, UserSession] = {}
-        stale: list[str] = []
-        for position, member in enumerate(members):
-            data, left = replies[2 * position : 2 * position + 2]
-            fields = _fields_or_none(data)
-            owner = None if fields is None else fields.get(self.user_key)
-            if owner is None or _text(owner) != user or not _positive(left):
-                stale.append(member)
-                continue
-            found[member] = user_session(member, fields or {}, lifetime, left / 1000)
-        if stale:
-            self._call(self.client.zrem, index, *stale)
-        return found
+        start = 0
+        while True:
+            flat = self._script(LIST_SCRIPT, index, start, start + PAGE - 1)
+            members, scores = flat[0::2], flat[1::2]
+            if not members:
+                return found
+            lefts = self._pttls(members)
+            gone = []
+            now, idle = time.time(), lifetime.total_seconds()
+            for member, score, left in zip(members, scores, lefts, strict=True):
+                if isinstance(left, int) and left > 0:
+                    store_id, since = member.decode(), float(score)
+                    last_seen = max(since, now - max(0.0, idle - left / 1000))
+                    found[store_id] = UserSession(
+                        handle_of(store_id),
+                        datetime.fromtimestamp(since, UTC),
+                        datetime.fromtimestamp(last_seen, UTC),
+                    )
+                elif left == -2:  # no such key: expired, or deleted
+                    gone.append(member)
+            if gone:
+                self._call(client.zrem, index, *gone)
+            if len(members) < PAGE:
+                return found
+            start += len(members) - len(gone)
 
-    def revoke(self, user: str, keep: str | None = None) -> int:
-        """UNLINK every session of ``user`` but ``keep`` (split by slot on a cluster), then
-        the index (or just their entries, when one is kept)."""
-        targets = [m for m in self.find_user_sessions(user, timedelta(0)) if m != keep]
-        if not targets:
-            return 0
-        ended = int(self._call(self.client.unlink, *targets))
-        if keep is None:
-            self._call(self.client.unlink, self.index_key(user))
-        else:
-            self._call(self.client.zrem, self.index_key(user), *targets)
-        return ended
+    def revoke(self, user: str, keep: Collection[str], before: float) -> int:
+        """Pop the index a page at a time (entries indexed before the revoke, but the kept
+        ones) and unlink those sessions; the index is never deleted whole, so a login landing
+        meanwhile keeps its entry (and the mark decides whether its session lives)."""
+        index = self.index_key(user)
+        ended = 0
+        while True:
+            members = self._script(POP_SCRIPT, index, repr(before), PAGE, *keep)
+            if not members:
+                return ended
+            ended += self._unlink(members)
+
+    def _pttls(self, keys: list[bytes]) -> list[object]:
+        """Each key's PTTL: one script call (per node of a cluster)."""
+        client: Any = self.client
+        if not hasattr(client, "get_primaries"):
+            return list(self._run(PTTL_SCRIPT, keys))
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for position, key in enumerate(keys):
+            node = self._call(client.get_node_from_key, key)
+            by_node.setdefault(node.name, (node, []))[1].append(position)
+        lefts: list[object] = [None] * len(keys)
+        for node, positions in by_node.values():
+            replies = self._run(PTTL_SCRIPT, [keys[i] for i in positions], node)
+            for position, left in zip(positions, replies, strict=True):
+                lefts[position] = left
+        return lefts
+
+    def _run(self, source: str, keys: list[bytes], node: Any = None) -> Any:
+        """EVALSHA with many keys as arguments (on ``node`` of a cluster), loading the script
+        when the server does not know it yet."""
+        client: Any = self.client
+        target = {} if node is None else {"target_nodes": node}
+        command = ("EVALSHA", self._scripts[source], 0, *keys)
+        try:
+            try:
+                return client.execute_command(*command, **target)
+            except self.errors.no_script:
+                client.execute_command("SCRIPT LOAD", source, **target)
+                return client.execute_command(*command, **target)
+        except Exception as exc:
+            raise self._unavailable(exc) from None
+
+    def _unlink(self, keys: list[bytes]) -> int:
+        """UNLINK many session keys: one command on one node; on a cluster one per key in a
+        pipeline (redis-py would otherwise send one command per slot, one after another)."""
+        client: Any = self.client
+        if not hasattr(client, "get_primaries"):
+            return int(self._call(client.unlink, *keys))
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.execute_command("UNLINK", key)
+        return sum(int(n) for n in self._call(pipe.execute))
 
     def ping(self) -> dict[str, object]:
         """The topology, proven to answer: every primary of a cluster (and all 16384 slots
@@ -739,25 +885,15 @@ def _retired(data: bytes) -> Retired:
     return Retired(successor or None, until)
 
 
-def _fields_or_none(data: object) -> dict[str, bytes] | None:
-    if not isinstance(data, bytes) or data[:2] != RECORD_MARKER:
+def _time(raw: object) -> float | None:
+    """A stored revocation mark (text of a float); None when absent or not a number."""
+    if not isinstance(raw, bytes):
         return None
     try:
-        return parse_record(data)
+        value = float(raw)
     except ValueError:
         return None
-
-
-def _text(raw: bytes) -> str | None:
-    try:
-        value = codec.unpack_value(raw)
-    except ValueError:
-        return None
-    return None if value is None else str(value)
-
-
-def _positive(milliseconds: object) -> bool:
-    return isinstance(milliseconds, int) and milliseconds > 0
+    return value if value == value else None  # NaN: no mark a session could be before
 
 
 def _sha1(source: str) -> str:

@@ -94,4 +94,4 @@ def test_a_chosen_prefix_is_not_stamped(make_app: MakeApp, store_env: dict[str, 
     stored = stored_session(app, SessionStore.state(app).interface.store_id(sid))
     assert stored is not None
     assert SERVICE not in stored
-    assert set(stored) == {"_user_id", "_created_at"}
+    assert set(stored) == {"_user_id", "_created_at", "_user_since"}
