@@ -370,7 +370,18 @@ class FirestoreSessionInterface(StoreInterface):
     ) -> Record | Retired | None:
         if not is_valid_collection_id(store_id):
             return None
-        snapshot = self._call(self._document(store_id).get)
+        mark: float | None = None
+        if user is None:
+            snapshot = self._call(self._document(store_id).get)
+        else:
+            # The user's revocation mark in the same call (one round trip, two document reads).
+            session_ref, mark_ref = self._document(store_id), self._mark_document(user)
+            found = {
+                each.reference.path: each
+                for each in self._call(self._get_all, [session_ref, mark_ref])
+            }
+            snapshot, mark_snapshot = found[session_ref.path], found[mark_ref.path]
+            mark = _mark((mark_snapshot.to_dict() or {}) if mark_snapshot.exists else {})
         if not snapshot.exists:
             return self._retired(store_id)
         document = snapshot.to_dict() or {}
@@ -383,7 +394,8 @@ class FirestoreSessionInterface(StoreInterface):
             blob = document.get(LEGACY_DATA)
             if not isinstance(blob, bytes):
                 return self._malformed(store_id)
-            return Record(None, blob=blob, version=expires_at)  # an earlier release's blob
+            # An earlier release's blob.
+            return Record(None, blob=blob, version=expires_at, mark_user=user, mark=mark)
         if not isinstance(stored, dict):
             return self._malformed(store_id)
         try:
@@ -392,7 +404,11 @@ class FirestoreSessionInterface(StoreInterface):
             return self._malformed(store_id)
         if not fields or not all(isinstance(raw, bytes) for raw in fields.values()):
             return self._malformed(store_id)
-        return Record(fields, version=expires_at)
+        return Record(fields, version=expires_at, mark_user=user, mark=mark)
+
+    def _get_all(self, references: list[Any], **kwargs: Any) -> list[Any]:
+        """``Client.get_all``, read to the end inside the call's error handling."""
+        return list(self.client.get_all(references, **kwargs))
 
     def _retired(self, store_id: str) -> Retired | None:
         """The marker left at a retired id: a second read, only for an id with no session."""
@@ -529,11 +545,7 @@ class FirestoreSessionInterface(StoreInterface):
 
     def revoked_at(self, user: str) -> float | None:
         snapshot = self._call(self._mark_document(user).get)
-        document = (snapshot.to_dict() or {}) if snapshot.exists else {}
-        at, expires_at = document.get(MARK_FIELD), document.get("expires_at")
-        if not isinstance(expires_at, datetime) or expires_at <= _now():
-            return None
-        return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
+        return _mark((snapshot.to_dict() or {}) if snapshot.exists else {})
 
     def mark_revoked(self, user: str, at: float) -> None:
         expires_at = _now() + timedelta(seconds=mark_lifetime(self.absolute_lifetime))
@@ -626,6 +638,14 @@ class FirestoreSessionInterface(StoreInterface):
                 batch.delete(snapshot.reference)
             self._call(batch.commit)
             deleted += len(snapshots)
+
+
+def _mark(document: Mapping[str, Any]) -> float | None:
+    """A revocation mark document's time; None when there is none (or it expired)."""
+    at, expires_at = document.get(MARK_FIELD), document.get("expires_at")
+    if not isinstance(expires_at, datetime) or expires_at <= _now():
+        return None
+    return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
 
 
 def create_interface(
