@@ -155,6 +155,8 @@ def test_a_refused_free_form_value_is_never_echoed(variable: str, value: str) ->
     }
     said = _everything_said(environ)
     assert variable in said
+    parsed = Settings.from_env(environ)
+    said += f"\n{parsed!r}\n{parsed.redacted()}"
     assert PASTED not in said
 
 

@@ -85,6 +85,8 @@ DEFAULT_KEY_PREFIX: Final = "session:"
 #: Shown instead of a value that is not one of a variable's choices (it may be anything, a
 #: secret pasted into the wrong variable included).
 NOT_A_CHOICE: Final = "(not one of the allowed values)"
+#: What ``redacted()`` shows of a free-form value its rules refuse (a pasted secret, say).
+INVALID: Final = "(invalid)"
 #: Browsers cap a cookie's lifetime at 400 days (RFC 6265bis); longer lifetimes mean nothing.
 MAX_LIFETIME: Final = timedelta(days=400)
 #: Idle timeout of a session without a user, unless SESSION_ANONYMOUS_LIFETIME says otherwise.
@@ -509,6 +511,9 @@ class Settings:
         def choice(value: str | None, choices: tuple[str | None, ...]) -> str | None:
             return value if value in choices else NOT_A_CHOICE
 
+        def text(value: str, valid: bool) -> str:
+            return value if valid else INVALID
+
         values: dict[str, Any] = {
             Var.ENV: choice(self.environment, ENVIRONMENTS),
             Var.K_SERVICE: self.cloud_run_service,
@@ -521,12 +526,18 @@ class Settings:
             Var.SESSION_PERMANENT: self.session_permanent,
             Var.SESSION_ID_LENGTH: self.session_id_length,
             Var.SESSION_MAX_BYTES: self.session_max_bytes,
-            Var.SESSION_KEY_PREFIX: self.session_key_prefix,
-            Var.SESSION_USER_KEY: self.session_user_key,
+            Var.SESSION_KEY_PREFIX: text(
+                self.session_key_prefix, 0 < len(self.session_key_prefix) <= 100
+            ),
+            Var.SESSION_USER_KEY: text(
+                self.session_user_key, 0 < len(self.session_user_key) <= 200
+            ),
             Var.SESSION_ROTATE_ON_LOGIN: self.session_rotate_on_login,
             Var.SESSION_STORE_COOLDOWN: self.session_store_cooldown,
             Var.SESSION_MAX_PER_USER: self.session_max_per_user,
-            Var.SESSION_COOKIE_NAME: self.session_cookie_name,
+            Var.SESSION_COOKIE_NAME: text(
+                self.session_cookie_name, is_cookie_name(self.session_cookie_name)
+            ),
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,
             Var.SESSION_COOKIE_SAMESITE: choice(

@@ -52,7 +52,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
-from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, Settings, Var
+from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, INVALID, Settings, Var
 from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable, UnstorableValue
 from . import codec
 from .base import (
@@ -195,7 +195,9 @@ class Options(StoreOptions):
         return {
             FIRESTORE_PROJECT: CLIENT_GIVEN if self.client_given else self.project,
             FIRESTORE_DATABASE: CLIENT_GIVEN if self.client_given else self.database,
-            FIRESTORE_COLLECTION: self.collection,
+            FIRESTORE_COLLECTION: self.collection
+            if is_valid_collection_id(self.collection)
+            else INVALID,
             FIRESTORE_TIMEOUT: self.timeout,
             FIRESTORE_REFRESH_INTERVAL: int(interval.total_seconds()),
         }
