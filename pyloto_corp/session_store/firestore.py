@@ -480,12 +480,13 @@ class FirestoreSessionInterface(StoreInterface):
 
     def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
         """Slide the stored expiry when it is more than the refresh interval stale (for a
-        shorter, anonymous lifetime, the same fraction of it: 3 min of 30 with the defaults)."""
+        shorter, anonymous lifetime, at most a tenth of it: 3 min of 30 with the defaults, so
+        a visitor who only reads never drops out; a shorter interval set is kept)."""
         now = _now()
         expires_at = stored.version
         interval, full = self.refresh_interval, self.app.permanent_session_lifetime
         if timedelta(0) < lifetime < full:
-            interval = interval * (lifetime / full)
+            interval = min(interval, lifetime / 10)
         if not isinstance(expires_at, datetime) or now + lifetime - expires_at < interval:
             return
         self._update(store_id, {"expires_at": now + lifetime, "updated_at": now})
