@@ -201,3 +201,23 @@ def sid_of(response: TestResponse) -> str:
 def shared_backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
     """The backends whose sessions outlive a deploy (memory lives in one process)."""
     return HARNESSES[request.param](make_app, request)
+
+
+def user_routes(app: Flask) -> Flask:
+    """``POST /as/<user>`` signs in as ``user`` (the id rotated, Flask-Login's key set) and
+    ``GET /whoami`` says who the session belongs to: what the user-index tests share."""
+    from flask import session
+
+    from pyloto_corp.session_store import rotate_session_id
+
+    @app.post("/as/<user>")
+    def login_as(user: str) -> dict[str, bool]:
+        rotate_session_id()
+        session["_user_id"] = user
+        return {"ok": True}
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, str | None]:
+        return {"user": session.get("_user_id")}
+
+    return app

@@ -17,7 +17,6 @@ from pyloto_corp.session_store import (
     codec,
     revoke_session,
     revoke_user_sessions,
-    rotate_session_id,
     user_sessions,
 )
 from pyloto_corp.session_store.base import handle_of, hashed_store_id
@@ -25,6 +24,7 @@ from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from tests.conftest import MakeApp
 from tests.firestore_operations import counting_document_operations
 from tests.services import free_port
+from tests.session_store.conftest import user_routes
 
 
 @pytest.fixture
@@ -292,20 +292,6 @@ def test_a_session_key_too_long_for_firestore_is_refused_at_write(
     assert client.get("/session/counter").json == {"counter": 1}
 
 
-def _user_routes(app: Flask) -> Flask:
-    @app.post("/as/<user>")
-    def login_as(user: str) -> dict[str, bool]:
-        rotate_session_id()
-        session["_user_id"] = user
-        return {"ok": True}
-
-    @app.get("/whoami")
-    def whoami() -> dict[str, str | None]:
-        return {"user": session.get("_user_id")}
-
-    return app
-
-
 @pytest.mark.parametrize(
     ("prefix_a", "prefix_b"), [("svc-a:", "svc-b:"), ("session:", "session:b:")]
 )
@@ -319,8 +305,8 @@ def test_services_sharing_a_collection_list_and_revoke_only_their_own_sessions(
     """Two services on one collection, the same user signed in on both: B lists and ends only
     B's sessions, including documents the previous release wrote (no field beyond ``user``).
     ``session:`` begins ``session:b:``: a prefix alone does not tell them apart."""
-    service_a = _user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_a))
-    service_b = _user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_b))
+    service_a = user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_a))
+    service_b = user_routes(make_app(**firestore_env, SESSION_KEY_PREFIX=prefix_b))
     on_a, on_b = service_a.test_client(), [service_b.test_client() for _ in range(2)]
     on_a.post("/as/ana")
     for client in on_b:

@@ -15,22 +15,13 @@ from pyloto_corp.session_store import (
     SessionStore,
     revoke_session,
     revoke_user_sessions,
-    rotate_session_id,
     user_sessions,
 )
-from tests.session_store.conftest import Harness, sid_of
+from tests.session_store.conftest import Harness, sid_of, user_routes
 
 
 def _routes(app: Flask) -> Flask:
-    @app.post("/as/<user>")
-    def login_as(user: str) -> dict[str, bool]:
-        rotate_session_id()
-        session["_user_id"] = user
-        return {"ok": True}
-
-    @app.get("/whoami")
-    def whoami() -> dict[str, str | None]:
-        return {"user": session.get("_user_id")}
+    user_routes(app)
 
     @app.post("/revoke/<user>")
     def revoke(user: str) -> dict[str, int]:

@@ -19,14 +19,13 @@ from pyloto_corp.session_store import (
     SessionStore,
     codec,
     revoke_user_sessions,
-    rotate_session_id,
     user_sessions,
 )
 from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.base import CREATED_AT, Changes, record_size
 from pyloto_corp.session_store.redis import RECORD_MARKER
 from tests.conftest import MakeApp
-from tests.session_store.conftest import HARNESSES, Harness
+from tests.session_store.conftest import HARNESSES, Harness, user_routes
 from tests.stored import store_session
 
 DAY = 86_400.0
@@ -132,23 +131,9 @@ def test_a_malformed_record_is_no_session_and_no_500(
     assert "Discarded undecodable session data" in caplog.text
 
 
-def _login_routes(app: Flask) -> Flask:
-    @app.post("/as/<user>")
-    def login_as(user: str) -> dict[str, bool]:
-        rotate_session_id()
-        session["_user_id"] = user
-        return {"ok": True}
-
-    @app.get("/whoami")
-    def whoami() -> dict[str, str | None]:
-        return {"user": session.get("_user_id")}
-
-    return app
-
-
 @pytest.mark.parametrize("case", ["nan", "500 days ago", "text"])
 def test_one_bad_record_never_aborts_a_listing_or_a_revoke(store: Harness, case: str) -> None:
-    app = _login_routes(store.make())
+    app = user_routes(store.make())
     clients = []
     for _ in range(3):
         client = app.test_client()

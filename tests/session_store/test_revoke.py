@@ -29,20 +29,12 @@ from pyloto_corp.session_store.redis import RECORD_MARKER, RedisSessionInterface
 from tests.conftest import MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisServer
-from tests.session_store.conftest import HARNESSES, Harness
+from tests.session_store.conftest import HARNESSES, Harness, user_routes
 from tests.stored import store_session
 
 
 def _routes(app: Flask) -> Flask:
-    @app.post("/as/<user>")
-    def login_as(user: str) -> dict[str, bool]:
-        rotate_session_id()
-        session["_user_id"] = user
-        return {"ok": True}
-
-    @app.get("/whoami")
-    def whoami() -> dict[str, str | None]:
-        return {"user": session.get("_user_id")}
+    user_routes(app)
 
     @app.post("/revoke-others/<user>")
     def revoke_others(user: str) -> dict[str, int]:
