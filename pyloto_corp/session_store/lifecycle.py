@@ -45,7 +45,8 @@ def user_sessions(user_id: object) -> list[UserSession]:
     when it was last used; never a session id or a store key."""
     interface = _interface()
     lifetime = current_app.permanent_session_lifetime
-    found = interface.find_user_sessions(str(user_id), lifetime)
+    with interface.breaker.guard():  # logged, and failing fast, like the request path
+        found = interface.find_user_sessions(str(user_id), lifetime)
     return sorted(found.values(), key=lambda item: (item.created_at, item.handle))
 
 
@@ -64,7 +65,8 @@ def revoke_user_sessions(user_id: object, *, keep_current: bool = False) -> int:
     a password change keep the current session (``keep_current=True``) and rotate its id."""
     interface = _interface()
     current = _current_session(interface) if keep_current else None
-    return interface.end_user_sessions(str(user_id), current)
+    with interface.breaker.guard():
+        return interface.end_user_sessions(str(user_id), current)
 
 
 def revoke_session(user_id: object, handle: str) -> bool:
@@ -72,11 +74,12 @@ def revoke_session(user_id: object, handle: str) -> bool:
     this device" button); False when no live session of that user has that handle."""
     interface = _interface()
     user = str(user_id)
-    for store_id, found in interface.find_user_sessions(
-        user, current_app.permanent_session_lifetime
-    ).items():
-        if found.handle == handle:
-            interface.delete(store_id)
-            interface.unindex(store_id, user)
-            return True
+    with interface.breaker.guard():
+        for store_id, found in interface.find_user_sessions(
+            user, current_app.permanent_session_lifetime
+        ).items():
+            if found.handle == handle:
+                interface.delete(store_id)
+                interface.unindex(store_id, user)
+                return True
     return False

@@ -236,6 +236,33 @@ def test_after_a_timeout_the_process_answers_503_at_once(
     assert "Redis session store at" in _opened_lines(caplog)[0]
 
 
+def test_a_views_own_store_calls_open_the_breaker_and_then_fail_at_once(
+    make_app: MakeApp, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "Log out everywhere" from a view (no session cookie, so nothing read first): its
+    timeout opens the breaker, logged; the next such call answers 503 at once."""
+    from pyloto_corp.session_store import revoke_user_sessions, user_sessions
+
+    app = make_app(**_redis_env(own_redis, SESSION_STORE_COOLDOWN="3"))
+
+    @app.post("/revoke/<user>")
+    def revoke(user: str) -> dict[str, int]:
+        return {"ended": revoke_user_sessions(user)}
+
+    @app.get("/sessions/<user>")
+    def sessions(user: str) -> dict[str, int]:
+        return {"count": len(user_sessions(user))}
+
+    breaker = SessionStore.state(app).interface.breaker
+    with _hung(own_redis):
+        first, first_s = _timed(lambda: _client(app).post("/revoke/ana"))
+        assert first.status_code == 503
+        assert 0.9 * TIMEOUT <= first_s < BOUND, first_s
+        assert breaker.state == "open"
+        assert len(_opened_lines(caplog)) == 1
+        _assert_503_at_once(*_timed(lambda: _client(app).get("/sessions/ana")), "listing")
+
+
 def test_one_request_probes_after_the_cooldown_and_success_closes_it(
     make_app: MakeApp, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
