@@ -215,18 +215,23 @@ def creation_time(value: object) -> float | None:
     return float(value)
 
 
-def listed_since(fields: Mapping[str, bytes]) -> float | None:
-    """When a stored session became its user's, for a listing (USER_SINCE, else its creation
-    time, else now, as records of an early release); None when the record is malformed."""
+def _stored_times(fields: Mapping[str, bytes]) -> dict[str, Any] | None:
+    """A stored session's USER_SINCE and CREATED_AT, decoded (None: they do not decode)."""
     try:
-        data = {
+        return {
             key: codec.unpack_value(fields[key])
             for key in (USER_SINCE, CREATED_AT)
             if key in fields
         }
     except ValueError:
         return None
-    if CREATED_AT in data and creation_time(data[CREATED_AT]) is None:
+
+
+def listed_since(fields: Mapping[str, bytes]) -> float | None:
+    """When a stored session became its user's, for a listing (USER_SINCE, else its creation
+    time, else now, as records of an early release); None when the record is malformed."""
+    data = _stored_times(fields)
+    if data is None or (CREATED_AT in data and creation_time(data[CREATED_AT]) is None):
         return None
     since = user_since(data)
     return since if since > 0 else time.time()
@@ -235,15 +240,8 @@ def listed_since(fields: Mapping[str, bytes]) -> float | None:
 def began_before(fields: Mapping[str, bytes], at: float) -> bool:
     """Whether a stored session became its user's before ``at``: what a revoke at ``at`` ends
     (a malformed record, or one with no time at all, too)."""
-    try:
-        data = {
-            key: codec.unpack_value(fields[key])
-            for key in (USER_SINCE, CREATED_AT)
-            if key in fields
-        }
-    except ValueError:
-        return True
-    return user_since(data) < at
+    data = _stored_times(fields)
+    return data is None or user_since(data) < at
 
 
 def mark_lifetime(absolute_lifetime: timedelta) -> float:
