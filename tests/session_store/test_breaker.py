@@ -29,7 +29,7 @@ from pyloto_corp import Settings
 from pyloto_corp.errors import SessionStoreNotAnswering, SessionStoreUnavailable
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.breaker import Breaker
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import SECRET, MakeApp, redis_production_env
 from tests.services import Gunicorn, RedisServer, free_port
 
 TIMEOUT = 1.0
@@ -51,15 +51,8 @@ def _hung(server: RedisServer) -> Iterator[None]:
 
 
 def _redis_env(server: RedisServer, **extra: str) -> dict[str, str]:
-    return {
-        "ENV": "production",
-        "SESSION_STORE_BACKEND": "redis",
-        "REDIS_URL": server.url,
-        "SECRET_KEY": SECRET,
-        "REDIS_SOCKET_TIMEOUT": str(TIMEOUT),
-        "REDIS_CONNECT_TIMEOUT": str(TIMEOUT),
-        **extra,
-    }
+    """A production app on ``server`` with TIMEOUT (1 s) store timeouts."""
+    return redis_production_env(server.url, **extra)
 
 
 def _timed(call: Callable[[], TestResponse]) -> tuple[TestResponse, float]:

@@ -62,13 +62,19 @@ def _login(app: Flask, sid: str) -> str:
     return new
 
 
-def test_a_request_carrying_the_retired_id_saves_nothing_and_sends_no_cookie(
-    backend: Harness,
-) -> None:
+def _signed_in(backend: Harness) -> tuple[Flask, str, str]:
+    """An app with /whoami, and a session (counter 1) signed in as ana: (app, the pre-login
+    id, the signed-in id)."""
     app = backend.make()
     _add_whoami(app)
     old = sid_of(_client(app).post("/session/counter"))
-    new = _login(app, old)
+    return app, old, _login(app, old)
+
+
+def test_a_request_carrying_the_retired_id_saves_nothing_and_sends_no_cookie(
+    backend: Harness,
+) -> None:
+    app, old, new = _signed_in(backend)
 
     late_write = _client(app).post("/session/counter", headers=_as(old))
     assert late_write.status_code == 409
@@ -86,10 +92,7 @@ def test_a_request_carrying_the_retired_id_saves_nothing_and_sends_no_cookie(
 def test_a_logout_carrying_the_pre_login_id_ends_the_signed_in_session(
     backend: Harness,
 ) -> None:
-    app = backend.make()
-    _add_whoami(app)
-    old = sid_of(_client(app).post("/session/counter"))
-    new = _login(app, old)
+    app, old, new = _signed_in(backend)
 
     logout = _client(app).delete("/session", headers=_as(old))
     assert logout.status_code == 200
