@@ -56,3 +56,18 @@ class UnstorableValue(TypeError):
 class SessionGone(LookupError):
     """The stored session ended (a logout, a login elsewhere) while this request ran: its write
     is dropped instead of bringing the session back."""
+
+
+class StateBusy(RuntimeError):
+    """Another caller holds the turn of this keyed-state id (``KeyedState.turn``) past the wait:
+    a webhook answers 503 with ``Retry-After`` (the sender retries), a worker's task is retried.
+    ``retry_after``: seconds until the holder's lease runs out, at most."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LeaseLost(RuntimeError):
+    """A ``turn()`` outlived its lease and another caller took the turn: this turn's changes
+    were not written (the other holder's state stands)."""

@@ -35,7 +35,15 @@ from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
 from ..config.settings import MAX_LIFETIME
-from ..errors import SessionGone, SessionStoreUnavailable, SessionTooLarge, UnstorableValue
+from ..errors import (
+    LeaseLost,
+    SessionGone,
+    SessionStoreUnavailable,
+    SessionTooLarge,
+    StateBusy,
+    UnstorableValue,
+)
+from ..records.base import RecordStore
 from . import codec
 from .breaker import DEFAULT_COOLDOWN, Breaker
 
@@ -404,6 +412,20 @@ def answer_store_unavailable(exc: SessionStoreUnavailable) -> Response:
     return unavailable_response()
 
 
+def answer_state_busy(exc: StateBusy) -> Response:
+    """Error handler: a keyed-state turn held elsewhere past the wait is a 503 the sender
+    retries after the holder's lease (a webhook's sender does)."""
+    message = "This conversation is busy; please retry shortly."
+    response = _error_response("state_busy", message, 503)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def answer_lease_lost(exc: LeaseLost) -> Response:
+    """Error handler: a keyed-state turn that lost its lease saved nothing: 409, retry."""
+    return _error_response("lease_lost", "This change was not saved; please retry.", 409)
+
+
 class StoreInterface(ServerSideSessionInterface):
     """Flask-Session's server-side interface with one straight open → save path.
 
@@ -454,6 +476,8 @@ class StoreInterface(ServerSideSessionInterface):
         #: After a store failure, this process answers 503 at once for a cool-down (breaker.py).
         self.breaker = Breaker(cooldown)
         self.max_per_user = max_per_user
+        #: The same store's records, for keyed state (``pyloto_corp.state``); set by the backend.
+        self.records: RecordStore
         #: Store id -> its user, as this process last saw it (see ``read``'s ``user``).
         self._owners: dict[str, str] = {}
         self._client_lock = threading.Lock()

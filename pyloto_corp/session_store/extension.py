@@ -18,8 +18,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..config.app_config import effective_settings
 from ..config.settings import Settings, Var
-from ..errors import ConfigurationError, SessionStoreUnavailable
-from .base import StoreInterface, answer_store_unavailable
+from ..errors import ConfigurationError, LeaseLost, SessionStoreUnavailable, StateBusy
+from .base import (
+    StoreInterface,
+    answer_lease_lost,
+    answer_state_busy,
+    answer_store_unavailable,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -85,6 +90,8 @@ class SessionStore:
         app.session_interface = interface
         # A view that uses the session while the store is down gets a 503, not a 500.
         app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)
+        app.register_error_handler(StateBusy, answer_state_busy)
+        app.register_error_handler(LeaseLost, answer_lease_lost)
         app.extensions[EXTENSION_KEY] = StoreState(settings=settings, interface=interface)
 
     @staticmethod

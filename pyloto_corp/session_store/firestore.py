@@ -30,17 +30,15 @@ blob: a document with ``fields`` is read from ``fields``.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import hashlib
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from environs import Env
@@ -53,7 +51,18 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from ..config.settings import DEPLOYED_ENVIRONMENTS, FIRESTORE, INVALID, Settings, Var
-from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable, UnstorableValue
+from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable
+from ..records.firestore import (
+    FirestoreRecords,
+    check_key_length,
+    field_name,
+    key_of_field,
+    real_monotonic,
+    real_time,
+)
+from ..records.firestore import (
+    now as _now,
+)
 from . import codec
 from .base import (
     CLIENT_GIVEN,
@@ -88,8 +97,6 @@ USER_FIELD = "user"
 #: The map of the session's keys; ``data`` is where an earlier release kept the whole blob.
 FIELDS = "fields"
 LEGACY_DATA = "data"
-#: Firestore caps a field name at 1,500 bytes; an encoded key name stays well under it.
-MAX_KEY_BYTES = 1000
 #: The marker a login or a logout leaves (``base.Retired``) is a document of its own, this
 #: suffix after the session's id, with ``expires_at`` (on the real clock), ``retired_to`` (the
 #: successor's id) and ``retired_until`` (``Retired.until``, on the app's clock, which a test
@@ -203,27 +210,6 @@ class Options(StoreOptions):
         }
 
 
-def _real_time() -> float:
-    """Seconds since the epoch from the system clock. freezegun (common in apps' test suites)
-    patches ``time.time``, ``time.monotonic`` and ``datetime``, not ``clock_gettime``."""
-    if sys.platform == "win32":
-        return time.time()
-    return time.clock_gettime(time.CLOCK_REALTIME)
-
-
-def _real_monotonic() -> float:
-    """A monotonic clock freezegun does not stop, for the retry budget."""
-    if sys.platform == "win32":
-        return time.monotonic()
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
-def _now() -> datetime:
-    """Now on the real clock: what Firestore's TTL policy and every other process compare the
-    stored ``expires_at`` with."""
-    return datetime.fromtimestamp(_real_time(), UTC)
-
-
 #: Backoff between retries of a transient error (seconds).
 RETRY_INITIAL, RETRY_MAXIMUM = 0.05, 0.5
 
@@ -232,30 +218,11 @@ def _retryable(deadline: float, exc: Exception) -> bool:
     """A transient error, with time left for another attempt before ``deadline`` (real
     monotonic seconds; google-api-core's own budget reads ``time.monotonic()``, which a frozen
     clock stops)."""
-    return bool(if_transient_error(exc)) and _real_monotonic() + RETRY_MAXIMUM < deadline
+    return bool(if_transient_error(exc)) and real_monotonic() + RETRY_MAXIMUM < deadline
 
 
 #: What follows SESSION_KEY_PREFIX in a session's document id (``hashed_store_id``).
 _HASHED_ID = re.compile(r"[0-9a-f]{64}")
-_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
-_ENCODED = "~"
-
-
-def field_name(key: str) -> str:
-    """A session key as a map entry name: plain identifiers as they are; anything else (dots,
-    backticks, the empty string, ``__reserved__`` names, ``~...``) as ``~`` + base64url."""
-    if _PLAIN_NAME.fullmatch(key) and not (key.startswith("__") and key.endswith("__")):
-        return key
-    encoded = base64.urlsafe_b64encode(key.encode("utf-8", "surrogatepass")).decode()
-    return _ENCODED + encoded
-
-
-def _check_key_length(key: str) -> None:
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise UnstorableValue(
-            f"A session key of {len(key.encode('utf-8', 'surrogatepass')):,} bytes is longer than "
-            f"the firestore store accepts ({MAX_KEY_BYTES:,}); use a shorter key."
-        )
 
 
 _SINCE_PATHS = tuple(FieldPath(FIELDS, key).to_api_repr() for key in (USER_SINCE, CREATED_AT))
@@ -269,12 +236,6 @@ def _since_fields(document: Mapping[str, Any]) -> dict[str, bytes]:
     return {
         key: raw for key in (USER_SINCE, CREATED_AT) if isinstance(raw := stored.get(key), bytes)
     }
-
-
-def session_key(name: str) -> str:
-    if not name.startswith(_ENCODED):
-        return name
-    return base64.urlsafe_b64decode(name[1:].encode()).decode("utf-8", "surrogatepass")
 
 
 #: Firestore did not answer within FIRESTORE_TIMEOUT (transient errors are retried until then:
@@ -307,6 +268,14 @@ class FirestoreSessionInterface(StoreInterface):
         self.timeout = timeout
         self.refresh_interval = refresh_interval
         self._client_factory = client_factory
+        self.records = FirestoreRecords(
+            lambda: self.client,
+            functools.partial(self._call, missing_is_gone=True),
+            collection=collection,
+            max_bytes=self.max_bytes,
+            refresh_interval=refresh_interval,
+            timeout=timeout,
+        )
 
     # -- client ------------------------------------------------------------------------------------
 
@@ -335,7 +304,7 @@ class FirestoreSessionInterface(StoreInterface):
         """Run one operation within the timeout, retrying transient errors (unavailable, internal,
         too many requests) while time is left. ``NotFound`` is re-raised only where it means
         "this session is gone" (``missing_is_gone``); elsewhere the database is missing."""
-        deadline = _real_monotonic() + self.timeout
+        deadline = real_monotonic() + self.timeout
         retry = Retry(
             predicate=functools.partial(_retryable, deadline),
             initial=RETRY_INITIAL,
@@ -345,7 +314,7 @@ class FirestoreSessionInterface(StoreInterface):
         # gRPC turns the timeout into a deadline by adding it to ``time.time()``: under a clock
         # frozen in the past that deadline has already passed. Add how far behind it is (a clock
         # frozen ahead only makes the deadline later; the retry budget above still holds).
-        timeout = self.timeout + max(0.0, _real_time() - time.time())
+        timeout = self.timeout + max(0.0, real_time() - time.time())
         try:
             return operation(*args, retry=retry, timeout=timeout, **kwargs)
         except google_exceptions.NotFound:
@@ -356,8 +325,8 @@ class FirestoreSessionInterface(StoreInterface):
                 f"{self.collection!r} not found (NotFound); check FIRESTORE_PROJECT and "
                 "FIRESTORE_DATABASE"
             ) from None
-        except google_exceptions.AlreadyExists:
-            raise
+        except (google_exceptions.AlreadyExists, google_exceptions.FailedPrecondition):
+            raise  # answers: the condition of a write did not hold
         except (google_exceptions.GoogleAPIError, GoogleAuthError) as exc:
             silent = _not_answering(exc)
             raise (SessionStoreNotAnswering if silent else SessionStoreUnavailable)(
@@ -401,7 +370,7 @@ class FirestoreSessionInterface(StoreInterface):
         if not isinstance(stored, dict):
             return self._malformed(store_id)
         try:
-            fields = {session_key(name): raw for name, raw in stored.items()}
+            fields = {key_of_field(name): raw for name, raw in stored.items()}
         except ValueError:
             return self._malformed(store_id)
         if not fields or not all(isinstance(raw, bytes) for raw in fields.values()):
@@ -433,7 +402,7 @@ class FirestoreSessionInterface(StoreInterface):
     @staticmethod
     def _data(fields: Mapping[str, bytes]) -> dict[str, bytes]:
         for key in fields:
-            _check_key_length(key)
+            check_key_length(key)
         return {field_name(key): raw for key, raw in fields.items()}
 
     def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
@@ -456,7 +425,7 @@ class FirestoreSessionInterface(StoreInterface):
             updates[LEGACY_DATA] = firestore.DELETE_FIELD
         else:
             for key, raw in changes.set.items():
-                _check_key_length(key)
+                check_key_length(key)
                 updates[FieldPath(FIELDS, field_name(key)).to_api_repr()] = raw
             for key in changes.delete:
                 updates[FieldPath(FIELDS, field_name(key)).to_api_repr()] = firestore.DELETE_FIELD

@@ -19,6 +19,7 @@ from environs import Env
 from flask import Flask
 
 from ..config.settings import MEMORY, Settings
+from ..records.memory import MemoryRecords
 from . import codec
 from .base import (
     RETIRED_LINGER,
@@ -170,6 +171,7 @@ class MemorySessionInterface(StoreInterface):
     def __init__(self, app: Flask, store: MemoryStore, **options: Any) -> None:
         super().__init__(app, **options)
         self.store = store
+        self.records = MemoryRecords(self.max_bytes, store.max_sessions)
 
     def read(
         self, store_id: str, lifetime: timedelta, user: str | None = None

@@ -46,6 +46,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConn
 
 from ..config.settings import REDIS, Settings, redact_url
 from ..errors import SessionStoreNotAnswering, SessionStoreUnavailable
+from ..records.redis import RedisRecords, parse_fields
 from .base import (
     CLIENT_GIVEN,
     RETIRED_LINGER,
@@ -486,6 +487,7 @@ Client = redis.Redis | RedisCluster
 
 class RedisSessionInterface(StoreInterface):
     backend_name = REDIS
+    records: RedisRecords
 
     def __init__(
         self,
@@ -509,7 +511,13 @@ class RedisSessionInterface(StoreInterface):
             PTTL_SCRIPT,
             LIST_SCRIPT,
         )
-        self._scripts = {source: _sha1(source) for source in scripts}
+        self.records = RedisRecords(
+            lambda: self.client,
+            max_bytes=self.max_bytes,
+            unavailable=self._unavailable,
+            no_script=errors.no_script,
+            scripts=scripts,
+        )
 
     @property
     def client(self) -> Client:
@@ -528,27 +536,10 @@ class RedisSessionInterface(StoreInterface):
         return kind(f"Redis session store at {self.display_url} failed: {describe_error(exc)}")
 
     def _call(self, command: Any, *args: Any, **kwargs: Any) -> Any:
-        """One call into the client library: whatever it raises (its own errors, or a caller's
-        credential provider failing) is the store failing this request, a 503."""
-        try:
-            return command(*args, **kwargs)
-        except Exception as exc:
-            raise self._unavailable(exc) from None
+        return self.records.call(command, *args, **kwargs)
 
     def _script(self, source: str, keys: str | tuple[str, ...], *args: Any) -> Any:
-        """EVALSHA, loading the script once when the server does not know it yet (a restart,
-        a new cluster node). execute_command skips redis-py's Script wrapper (a few µs)."""
-        names = (keys,) if isinstance(keys, str) else keys
-        command = ("EVALSHA", self._scripts[source], len(names), *names, *args)
-        client: Any = self.client
-        try:
-            try:
-                return client.execute_command(*command)
-            except self.errors.no_script:
-                client.script_load(source)
-                return client.execute_command(*command)
-        except Exception as exc:
-            raise self._unavailable(exc) from None
+        return self.records.script(source, keys, *args)
 
     def read(
         self, store_id: str, lifetime: timedelta, user: str | None = None
@@ -731,7 +722,7 @@ class RedisSessionInterface(StoreInterface):
         when the server does not know it yet."""
         client: Any = self.client
         target = {} if node is None else {"target_nodes": node}
-        command = ("EVALSHA", self._scripts[source], 0, *keys)
+        command = ("EVALSHA", self.records.shas[source], 0, *keys)
         try:
             try:
                 return client.execute_command(*command, **target)
@@ -846,23 +837,7 @@ def _is_refusal(exc: BaseException) -> bool:
 def parse_record(data: bytes) -> dict[str, bytes]:
     """A record in this release's layout: each key's encoded value. ValueError when the
     framing is broken."""
-    fields: dict[str, bytes] = {}
-    unpack, end, at = _LENGTH.unpack_from, len(data), len(RECORD_MARKER)
-    try:
-        while at < end:
-            (size,) = unpack(data, at)
-            name = data[at + 4 : at + 4 + size].decode("utf-8", "surrogatepass")
-            (length,) = unpack(data, at + 4 + size)
-            at += 8 + size + length
-            if at > end:
-                raise ValueError("truncated session record")
-            fields[name] = data[at - length : at]
-    except (struct.error, UnicodeDecodeError):
-        raise ValueError("malformed session record") from None
-    return fields
-
-
-_LENGTH = struct.Struct(">I")
+    return parse_fields(data, len(RECORD_MARKER))
 
 
 def retired_key(store_id: str) -> str:
@@ -894,10 +869,6 @@ def _time(raw: object) -> float | None:
     except ValueError:
         return None
     return value if value == value else None  # NaN: no mark a session could be before
-
-
-def _sha1(source: str) -> str:
-    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
 def _seconds(lifetime: timedelta) -> int:

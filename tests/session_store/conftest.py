@@ -78,7 +78,7 @@ def _redis(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
 def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
     from datetime import UTC, datetime, timedelta
 
-    from pyloto_corp.session_store.firestore import session_key
+    from pyloto_corp.records.firestore import key_of_field
 
     environ = request.getfixturevalue("firestore_env")
     client = request.getfixturevalue("firestore_client")
@@ -91,7 +91,7 @@ def _firestore(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
         document = snapshot.to_dict() or {}
         fields = document.get("fields")
         if isinstance(fields, dict):
-            return {session_key(name): raw for name, raw in fields.items()}
+            return {key_of_field(name): raw for name, raw in fields.items()}
         return document.get("data")  # stored whole by an earlier release
 
     def write(app: Flask, key: str, data: bytes) -> None:
