@@ -53,6 +53,10 @@ KEY_CONTEXT = b"pyloto_corp.state/v1"
 #: Backoff while waiting for a turn: from this, doubling, to at most the second (with jitter).
 WAIT_FIRST, WAIT_MAX = 0.02, 1.0
 
+#: Every namespace created in this process, with its lifetime (the longest, if it was created
+#: more than once): what `flask session-store check` and `info` list.
+_namespaces: dict[str, timedelta] = {}
+
 #: The store keys of the turns this thread (or task) holds: a nested turn() of the same id
 #: would wait for itself.
 _held_turns: ContextVar[frozenset[str]] = ContextVar("pyloto_corp.state.held", default=frozenset())
@@ -151,6 +155,7 @@ class KeyedState:
             )
         self.namespace = namespace
         self.lifetime = _duration("lifetime", lifetime)
+        _namespaces[namespace] = max(self.lifetime, _namespaces.get(namespace, self.lifetime))
 
     def __repr__(self) -> str:
         return f"KeyedState({self.namespace!r}, lifetime={self.lifetime!r})"
@@ -329,6 +334,12 @@ class KeyedState:
                     "delete` if it cannot be repaired"
                 ) from None
         return data
+
+
+def namespaces() -> dict[str, timedelta]:
+    """The namespaces of the KeyedState objects this process created (the app's modules that
+    create them at module level are imported by then), with their lifetimes."""
+    return dict(sorted(_namespaces.items()))
 
 
 def _changes(state: State, loaded: Mapping[str, bytes]) -> tuple[dict[str, bytes], list[str]]:
