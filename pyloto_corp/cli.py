@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import click
 from flask import Flask
@@ -23,6 +27,7 @@ from .errors import ConfigurationError, SessionStoreUnavailable
 from .session_store import SessionStore, revoke_user_sessions, user_sessions
 from .session_store.base import CLIENT_GIVEN
 from .session_store.extension import EXTENSION_KEY, StoreState, effective_proxy_hops
+from .state import KeyedState, namespaces
 
 
 def _settings(environment: str | None = None) -> Settings:
@@ -74,6 +79,34 @@ def _store() -> StoreState:
     return SessionStore.state(_app())
 
 
+def _lifetime_text(lifetime: timedelta) -> str:
+    """``2h``, ``1h30m``, ``30d``: a namespace's lifetime as people write it."""
+    seconds = lifetime.total_seconds()
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    left, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts)
+
+
+def _seconds(lifetime: timedelta) -> int | float:
+    seconds = lifetime.total_seconds()
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
+def _namespaces_text(found: dict[str, timedelta]) -> str:
+    return ", ".join(f"{name}: {_lifetime_text(lifetime)}" for name, lifetime in found.items())
+
+
+T = TypeVar("T")
+
+#: The entry of ``info`` that lists the keyed state namespaces (lower case: not a variable).
+KEYED_STATE = "keyed_state"
+
+
 @click.group("session-store")
 def session_store_cli() -> None:
     """Check, inspect and operate the session store (no app is built)."""
@@ -85,9 +118,11 @@ def check(environment: str | None) -> None:
     """Validate the configuration without connecting to anything; exit 1 on any problem.
 
     The app Flask loads is validated with what it configured in code (its own client, as
-    Flask-Session's SESSION_REDIS); without one, the environment alone.
+    Flask-Session's SESSION_REDIS); without one, the environment alone. The keyed state
+    namespaces the app created (KeyedState at module level) are listed with their lifetimes.
     """
     app = _loaded_app()
+    found = {} if app is None else namespaces()
     if app is None:
         settings = _settings(environment)
     else:
@@ -105,19 +140,29 @@ def check(environment: str | None) -> None:
     click.echo(
         f"Configuration is valid for environment '{settings.environment}' (session store: {store})."
     )
+    if found:
+        click.echo(f"Keyed state namespaces: {_namespaces_text(found)}.")
 
 
 @session_store_cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
-    """Print the effective configuration, every secret shown as ***."""
-    app = _app()
-    values = SessionStore.state(app).settings.redacted()
+    """Print the effective configuration, every secret shown as ***.
+
+    keyed_state (not a variable) lists the keyed state namespaces the app Flask loads created,
+    with their lifetimes (in seconds in the JSON).
+    """
+    loaded = _loaded_app()
+    app = _app() if loaded is None else loaded
+    found = {} if loaded is None else namespaces()
+    values: dict[str, Any] = SessionStore.state(app).settings.redacted()
     # What the app applies, which may be the host's own ProxyFix rather than the setting.
     values[Var.TRUSTED_PROXY_HOPS] = effective_proxy_hops(app)
     if as_json:
+        values[KEYED_STATE] = {name: _seconds(lifetime) for name, lifetime in found.items()}
         click.echo(json.dumps(values, indent=2))
         return
+    values[KEYED_STATE] = _namespaces_text(found)
     width = max(map(len, values))
     for name, value in values.items():
         click.echo(f"{name:<{width}}  {'' if value is None else value}")
@@ -186,3 +231,78 @@ def revoke(user_id: str) -> None:
         except SessionStoreUnavailable as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"Ended {ended} session(s).")
+
+
+@session_store_cli.group("state")
+def keyed_state_cli() -> None:
+    """Read or erase one entry of keyed state (pyloto_corp.state.KeyedState) by its id.
+
+    The id is never printed back (it may be a phone number). An ID of - is read from the first
+    line of standard input, which keeps it out of the shell history and the process list.
+    """
+
+
+def _on_entry(namespace: str, id: str, action: Callable[[KeyedState, str], T]) -> T:
+    """``action(keyed_state, id)`` in the loaded app's context, with the namespace's
+    KeyedState as the app created it (its lifetime) and the id (read from stdin for ``-``).
+    A namespace the app did not create is said aloud: a typo would otherwise read as "no
+    entry". Bad input and a store that is down become one line (KeyedState's messages name
+    no id)."""
+    if id == "-":
+        id = sys.stdin.readline().rstrip("\r\n")
+    app = _app()  # imports the app's modules: the KeyedState objects they create are known
+    known = namespaces()
+    lifetime = known.get(namespace)
+    try:
+        keyed = (
+            KeyedState(namespace) if lifetime is None else KeyedState(namespace, lifetime=lifetime)
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if lifetime is None:
+        created = _namespaces_text(known) if known else "none"
+        click.echo(
+            f"Warning: the app created no KeyedState({namespace!r}) (its namespaces: {created}); "
+            f"using the default lifetime, {_lifetime_text(keyed.lifetime)}.",
+            err=True,
+        )
+    with app.app_context():
+        try:
+            return action(keyed, id)
+        except (ValueError, RuntimeError) as exc:  # SessionStoreUnavailable is a RuntimeError
+            raise click.ClickException(str(exc)) from None
+
+
+@keyed_state_cli.command("get")
+@click.argument("namespace")
+@click.argument("id")
+def state_get(namespace: str, id: str) -> None:
+    """Print the entry of ID in NAMESPACE as one JSON object; when there is none, say so on
+    stderr and exit 1 (nothing on stdout). An ID of - is read from standard input.
+
+    Values JSON has no form for are shown as their Python repr, in a string: Decimal('10.50'),
+    datetime.datetime(2026, 12, 2, 9, 30, tzinfo=...), b'\\x00', UUID('...'); a tuple is shown
+    as an array.
+
+    Reading slides the entry's expiry, as any use does: it then expires the namespace's
+    lifetime from now (the lifetime the app created the namespace with, which check lists; for
+    a namespace the app did not create, the default 2h, with a warning).
+    """
+    values = _on_entry(namespace, id, lambda keyed, id: keyed.get(id))
+    if values is None:
+        click.echo(f"No entry in {namespace!r} for this id.", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(json.dumps(values, indent=2, ensure_ascii=False, default=repr))
+
+
+@keyed_state_cli.command("delete")
+@click.argument("namespace")
+@click.argument("id")
+def state_delete(namespace: str, id: str) -> None:
+    """Delete the entry of ID in NAMESPACE now (a user asks to be forgotten), including a copy
+    kept under a SECRET_KEY_FALLBACKS key; says whether there was one (exit 0 either way). An
+    ID of - is read from standard input."""
+    if _on_entry(namespace, id, lambda keyed, id: keyed.delete(id)):
+        click.echo(f"Deleted the entry in {namespace!r}.")
+    else:
+        click.echo(f"No entry in {namespace!r} for this id: nothing to delete.")
