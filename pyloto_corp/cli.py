@@ -24,8 +24,8 @@ from flask.cli import NoAppException, ScriptInfo
 
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
+from .records.base import CLIENT_GIVEN
 from .session_store import SessionStore, revoke_user_sessions, user_sessions
-from .session_store.base import CLIENT_GIVEN
 from .session_store.extension import EXTENSION_KEY, StoreState, effective_proxy_hops
 from .state import KeyedState, namespaces
 
@@ -174,7 +174,7 @@ def ping() -> None:
     state = _store()
     started = time.perf_counter()
     try:
-        facts = state.interface.ping()
+        facts = state.interface.records.ping()
     except SessionStoreUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     elapsed = (time.perf_counter() - started) * 1000
@@ -191,15 +191,15 @@ def cleanup(batch_size: int) -> None:
     if backend != FIRESTORE:
         click.echo(f"Nothing to do: the {backend} store expires sessions itself.")
         return
-    from .session_store.firestore import FirestoreSessionInterface
+    from .records.firestore import FirestoreRecords
 
-    interface = state.interface
-    assert isinstance(interface, FirestoreSessionInterface)
+    records = state.interface.records
+    assert isinstance(records, FirestoreRecords)
     try:
-        deleted = interface.delete_expired_sessions(batch_size=batch_size)
+        deleted = records.delete_expired(batch_size=batch_size)
     except SessionStoreUnavailable as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"Deleted {deleted} expired session(s) from collection {interface.collection!r}.")
+    click.echo(f"Deleted {deleted} expired session(s) from collection {records.collection!r}.")
 
 
 @session_store_cli.command("sessions")

@@ -38,8 +38,8 @@ from typing import Any
 from flask import current_app, has_app_context
 
 from .errors import LeaseLost, SessionStoreUnavailable, StateBusy, UnstorableValue
+from .records import codec
 from .records.base import Entry, Held, RecordStore
-from .session_store import codec
 from .session_store.base import StoreInterface
 from .session_store.extension import EXTENSION_KEY
 

@@ -45,7 +45,7 @@ def readyz() -> tuple[dict[str, object], int]:
     breaker = state.interface.breaker
     try:
         with breaker.guard(opens=False):
-            facts = state.interface.ping()
+            facts = state.interface.records.ping()
     except SessionStoreUnavailable as exc:
         reason = breaker.reason()
         if reason is not None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from flask import Flask
 
-from pyloto_corp.session_store import SessionStore, codec
+from pyloto_corp.records import codec
+from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import Record
 
 LIFETIME = timedelta(hours=1)
@@ -20,7 +21,7 @@ LIFETIME = timedelta(hours=1)
 def stored_session(app: Flask, store_id: str) -> dict[str, Any] | None:
     """The decoded session stored under ``store_id`` (its expiry slides, as on any read)."""
     interface = SessionStore.state(app).interface
-    record = interface.read(store_id, LIFETIME)
+    record = interface.records.read(store_id, LIFETIME)
     # A retired id's marker (what a login or logout leaves) holds no session.
     return interface.decode(record, store_id) if isinstance(record, Record) else None
 
@@ -29,4 +30,4 @@ def store_session(app: Flask, store_id: str, data: dict[str, Any]) -> None:
     """Store ``data`` as a new session under ``store_id``, as another instance would."""
     interface = SessionStore.state(app).interface
     fields = {key: codec.pack_value(key, value) for key, value in data.items()}
-    assert interface.create(store_id, fields, LIFETIME)
+    assert interface.records.create(store_id, fields, LIFETIME)

@@ -12,7 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
 from pyloto_corp.config.app_config import effective_settings
-from pyloto_corp.session_store import redis as redis_backend
+from pyloto_corp.records.redis import options as redis_options
 from pyloto_corp.session_store.extension import effective_proxy_hops
 from tests.conftest import SECRET
 
@@ -60,7 +60,7 @@ def test_extension_keys_in_app_config_come_before_the_environment() -> None:
     assert problems == []
     assert settings.environment == "test"
     assert settings.session_store_backend == "redis"
-    assert settings.store == redis_backend.Options(url="redis://cache:6379/1")
+    assert settings.store == redis_options.Options(url="redis://cache:6379/1")
     assert settings.session_lifetime == timedelta(seconds=60)
 
 
@@ -113,7 +113,7 @@ def test_a_value_set_twice_differently_is_refused_not_chosen() -> None:
     ]
     _, problems = effective_settings(
         _config(REDIS_URL="redis://a"),
-        Settings(session_store_backend="redis", store=redis_backend.Options(url="redis://b")),
+        Settings(session_store_backend="redis", store=redis_options.Options(url="redis://b")),
         {},
     )
     assert problems == [
@@ -218,7 +218,7 @@ def test_a_host_apps_own_proxy_fix_is_kept_not_wrapped_twice() -> None:
             cloud_run_service="api",
             secret_key=SECRET,
             session_store_backend="redis",
-            store=redis_backend.Options(url="redis://127.0.0.1:1"),
+            store=redis_options.Options(url="redis://127.0.0.1:1"),
         ),
     )
     assert app.wsgi_app is own

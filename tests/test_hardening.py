@@ -36,6 +36,7 @@ from pyloto_corp import ConfigurationError, Settings, create_app
 from pyloto_corp.cli import session_store_cli
 from pyloto_corp.config.settings import redact_url
 from pyloto_corp.errors import SessionStoreUnavailable
+from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import end_session, rotate_session_id
 from pyloto_corp.session_store.base import (
     CREATED_AT,
@@ -44,7 +45,6 @@ from pyloto_corp.session_store.base import (
     StoreInterface,
     hashed_store_id,
 )
-from pyloto_corp.session_store.redis import RedisSessionInterface
 from tests.conftest import _CONFIG_VARS, SECRET, MakeApp, redis_production_env
 from tests.services import ROOT, FirestoreEmulator, RedisServer, free_port, wait_until
 from tests.stored import store_session, stored_session
@@ -164,9 +164,9 @@ def test_own_redis_idle_pool(make_app: MakeApp, own_redis: RedisServer) -> None:
     """No idle-connection health check adds its own PING: the bound holds after any idle time."""
     app = make_app(**_hung_env(own_redis))
     interface = app.session_interface
-    assert isinstance(interface, RedisSessionInterface)
+    assert isinstance(interface.records, RedisRecords)
     # Whatever the idle time, no PING precedes the command (redis-py's check is off at 0).
-    assert interface.client.connection_pool.connection_kwargs["health_check_interval"] == 0
+    assert interface.records.client.connection_pool.connection_kwargs["health_check_interval"] == 0
     sid = _counter_session(app)
     idle = 3.0
     time.sleep(idle)
@@ -323,14 +323,14 @@ def test_firestore_not_found_is_503_not_500(
     document) is put through the interface's mapping where it does not mean "session gone"."""
     app = make_app(**firestore_env, FIRESTORE_DATABASE="nope-db")
     interface = app.session_interface
-    from pyloto_corp.session_store.firestore import FirestoreSessionInterface
+    from pyloto_corp.records.firestore import FirestoreRecords
 
-    assert isinstance(interface, FirestoreSessionInterface)
-    missing = interface._document("missing-" + "0" * 16)
+    assert isinstance(interface.records, FirestoreRecords)
+    missing = interface.records._document("missing-" + "0" * 16)
 
     @app.get("/not-found-probe")
     def not_found_probe() -> dict[str, bool]:
-        interface._call(missing.update, {"x": 1})
+        interface.records._call(missing.update, {"x": 1})
         return {"reached": True}
 
     sid = _counter_session(app)
@@ -344,7 +344,7 @@ def test_firestore_not_found_is_503_not_500(
     assert readiness.status_code in (200, 503)
 
     with pytest.raises(SessionStoreUnavailable) as raised:
-        interface._call(missing.update, {"x": 1})
+        interface.records._call(missing.update, {"x": 1})
     assert "'nope-db'" in str(raised.value)
     assert "NotFound" in str(raised.value)
 
@@ -354,7 +354,7 @@ def test_firestore_not_found_is_503_not_500(
     assert probe.json["error"] == "session_store_unavailable"
     # Where it means "this session is gone" it stays NotFound (answered 409 by save_session).
     changes = Changes(set={"x": b"x"}, delete=(), whole=False)
-    assert interface.update(missing.id, changes, timedelta(hours=1), Record({})) is False
+    assert interface.records.update(missing.id, changes, timedelta(hours=1), Record({})) is False
 
 
 # -- 4. logout then flash in the same request ------------------------------------------------------
@@ -722,6 +722,7 @@ def test_configuration_fuzz() -> None:
         seen.append(result.output)
         if result.exit_code == 0:
             shown = json.loads(result.stdout)  # stderr may hold the random-key warning
+            assert shown.pop("keyed_state") == {}  # no app loaded: no namespaces
             assert shown == json.loads(json.dumps(parsed.redacted()))
             seen.append(repr(shown))
         text = "\n".join(seen)

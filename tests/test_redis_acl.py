@@ -1,5 +1,6 @@
-"""The least-privilege Redis user the README documents: the whole session lifecycle works as that
-user, on a standalone server and on a Redis Cluster, and everything else is refused."""
+"""The least-privilege Redis user the README documents: the whole session lifecycle, and keyed
+state, work as that user, on a standalone server and on a Redis Cluster, and everything else is
+refused."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store.lifecycle import revoke_user_sessions, user_sessions
+from pyloto_corp.state import KeyedState
 from tests.conftest import MakeApp, redis_production_env
 from tests.services import RedisClusterNodes, RedisServer
 
@@ -73,6 +75,15 @@ def _lifecycle(app: Flask) -> None:
     assert call("GET", "/session/counter", devices[0]).json == {"counter": 0}
     assert call("GET", "/session/counter", first).json == {"counter": 2}
     assert call("GET", "/readyz").json["status"] == "ready"
+    conversations = KeyedState("conversations")
+    with app.app_context():  # keyed state: GETEX, and its scripts (merge, lease, save, exists)
+        with conversations.open("5511987654321") as state:
+            state["step"] = "ask_cpf"
+        with conversations.turn("5511987654321") as state:
+            state["history"] = ["oi"]
+        assert conversations.get("5511987654321") == {"step": "ask_cpf", "history": ["oi"]}
+        assert conversations.exists("5511987654321")
+        assert conversations.delete("5511987654321")
 
 
 def _refused(user: redis.Redis | redis.RedisCluster) -> None:

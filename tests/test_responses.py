@@ -152,7 +152,7 @@ def test_409_session_ended_is_no_store_nosniff(app: Flask) -> None:
     def ended_meanwhile() -> dict[str, bool]:
         session.get("counter")
         interface = SessionStore.state().interface
-        interface.delete(interface.store_id(session.sid))  # a logout elsewhere, meanwhile
+        interface.records.delete(interface.store_id(session.sid))  # a logout elsewhere, meanwhile
         session["late"] = True
         return {"ok": True}
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from pyloto_corp import create_app
 from pyloto_corp.cli import session_store_cli
 from pyloto_corp.config.settings import Settings, Var, redact_url
-from pyloto_corp.session_store import firestore, redis
+from pyloto_corp.records import firestore, redis
 from tests.conftest import SECRET
 
 VALID_CONTEXT = {

@@ -5,7 +5,7 @@ exception), and ``Settings.validate()`` applies every rule to the object and ret
 problems. Nothing here does IO, so the same rules run at app init, in ``check`` and in tests.
 
 The core settings (environment, secret, cookies, lifetimes) live here; each backend's own
-variables, parsing and rules live in its module (``Options`` in ``session_store/<backend>.py``),
+variables, parsing and rules live in its module (``Options`` in ``records/<backend>``),
 found through :func:`backend_options`, so a new backend adds nothing to this file.
 """
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 from environs import Env, EnvValidationError
 
 if TYPE_CHECKING:
-    from ..session_store.base import StoreOptions
+    from ..records.base import StoreOptions
 
 
 class Var:
@@ -71,7 +71,7 @@ DEPLOYED_ENVIRONMENTS: Final = frozenset({STAGING, PRODUCTION})
 MEMORY: Final = "memory"
 REDIS: Final = "redis"
 FIRESTORE: Final = "firestore"
-#: The backend registry: a name is a module ``pyloto_corp.session_store.<name>``.
+#: The backend registry: a name is a module (or package) ``pyloto_corp.records.<name>``.
 BACKENDS: Final = (MEMORY, REDIS, FIRESTORE)
 
 SAMESITE_VALUES: Final = ("Lax", "Strict", "None")
@@ -150,7 +150,7 @@ def is_weak_secret(key: str | bytes) -> bool:
 
 def backend_options(backend: str) -> type[StoreOptions]:
     """The ``Options`` class of a registered backend (importing its module, and only that one)."""
-    module = importlib.import_module(f"pyloto_corp.session_store.{backend}")
+    module = importlib.import_module(f"pyloto_corp.records.{backend}")
     options: type[StoreOptions] = module.Options
     return options
 

@@ -1,12 +1,13 @@
-"""Server-side session stores for Flask on Cloud Run, built on Flask-Session.
+"""Server-side sessions for Flask on Cloud Run: Flask-Session's interface on the app's record
+store (``pyloto_corp.records``).
 
-Backends live one per module (``memory``, ``redis``, ``firestore``) and are imported only when
-chosen, so a Redis deployment never pays for importing google.cloud.
+Backends live in ``pyloto_corp.records``, one module each, imported only when chosen, so a Redis
+deployment never pays for importing google.cloud.
 """
 
 from __future__ import annotations
 
-from .base import UserSession
+from ..records.base import UserSession
 from .extension import EXTENSION_KEY, SessionStore, StoreState
 from .lifecycle import (
     end_session,

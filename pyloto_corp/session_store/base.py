@@ -1,17 +1,16 @@
-"""The backend contract, and the one request path every backend shares.
+"""The one request path every backend shares: Flask cookie sessions on the app's record store.
 
 A request reads straight through this module: :meth:`StoreInterface.open_session` asks the
-backend to ``read`` the record (one store round trip that also slides the idle timeout), decodes
-it and returns a :class:`StoreSession` that carries what the store said; the view runs;
-:meth:`StoreInterface.save_session` writes only a modified session (``update`` an existing
-record with the keys this request changed, ``create`` a new one) and sets the cookie. Backends
-implement the abstract methods of :class:`StoreInterface` and :class:`StoreOptions` and nothing
-else.
+record store (``pyloto_corp.records``) to ``read`` the record (one store round trip that also
+slides the idle timeout), decodes it and returns a :class:`StoreSession` that carries what the
+store said; the view runs; :meth:`StoreInterface.save_session` writes only a modified session
+(``update`` an existing record with the keys this request changed, ``create`` a new one) and
+sets the cookie. No backend code lives here; no cookie or request reaches a backend.
 
 - Store ids are ``prefix + sha256(session id)``: a store dump, ``SCAN`` or read-only credential
   yields no cookie that logs anyone in, and any cookie value is a harmless key.
-- Stored bytes go through :mod:`.codec` (tagged msgpack, never pickle); bytes that do not decode
-  mean "no session" and a warning.
+- Stored bytes go through ``records.codec`` (tagged msgpack, never pickle); bytes that do not
+  decode mean "no session" and a warning.
 - Store failures are :class:`~pyloto_corp.errors.SessionStoreUnavailable` (a 503, not a 500).
 """
 
@@ -19,22 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import os
 import secrets
-import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
-from ..config.settings import MAX_LIFETIME
 from ..errors import (
     LeaseLost,
     SessionGone,
@@ -43,13 +37,21 @@ from ..errors import (
     StateBusy,
     UnstorableValue,
 )
-from ..records.base import RecordStore
-from . import codec
+from ..records import codec
+from ..records.base import (
+    CREATED_AT,
+    USER_SINCE,
+    Changes,
+    Record,
+    RecordStore,
+    Retired,
+    creation_time,
+    record_size,
+    user_since,
+)
 from .breaker import DEFAULT_COOLDOWN, Breaker
 
 if TYPE_CHECKING:
-    from environs import Env
-
     from ..config.settings import Settings
 
 logger = logging.getLogger("pyloto_corp.session_store")
@@ -57,13 +59,6 @@ T = TypeVar("T")
 
 #: Seconds a client should wait before retrying while the store is down.
 RETRY_AFTER_SECONDS = 5
-#: Session key holding the creation time (epoch seconds), for the absolute timeout.
-CREATED_AT = "_created_at"
-#: What ``check`` and ``info`` show instead of a URL or project when the app passes its client.
-CLIENT_GIVEN = "client given by the app"
-#: Session key holding when the session became its user's (epoch seconds, a float): a revoke of
-#: that user ends every session whose time is before the revoke's. Kept when the id rotates.
-USER_SINCE = "_user_since"
 #: Session key holding the Cloud Run service that wrote it (``Settings.session_service``).
 SERVICE = "_service"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
@@ -71,124 +66,12 @@ INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE})
 #: Store ids whose user this process remembers, so that the read of a logged-in session fetches
 #: its user's revocation mark in the same round trip (beyond it the memory is dropped, cheaply).
 OWNERS_REMEMBERED = 10_000
-#: How long the marker a login or a logout leaves where a session was (see :class:`Retired`)
-#: keeps answering for it: longer than any request that may still carry the old id.
-RETIRED_LINGER = timedelta(minutes=2)
 #: Another instance's clock may run ahead of ours: a creation time up to this far in the future
 #: is accepted; beyond it the session is ignored (not deleted: it may be valid elsewhere).
 CLOCK_SKEW_TOLERANCE = 300
 #: Starts the id of a session without a user (``.`` is not in an id's base64url alphabet, so no
 #: earlier id has it). See :meth:`StoreInterface.idle_lifetime`.
 ANONYMOUS_SID_MARK = "a."
-#: A creation time further than this from now (either way) is no time a session can have: the
-#: longest absolute lifetime allowed is 400 days.
-CREATION_TIME_RANGE = MAX_LIFETIME.total_seconds()
-#: Bytes of framing a stored record takes besides its keys and values: a 2-byte marker, and two
-#: 4-byte lengths per key (Redis's layout; every backend counts the same, so one limit means the
-#: same everywhere).
-RECORD_OVERHEAD = 2
-FIELD_OVERHEAD = 8
-
-
-class StoreOptions(ABC):
-    """A backend's own settings: its variables, their parsing and their rules (pure, no IO).
-
-    Subclasses are frozen dataclasses named ``Options`` in the backend's module; every field has
-    a default, so ``Options()`` is the backend with defaults.
-    """
-
-    #: The backend's name (``SESSION_STORE_BACKEND``) and its module's name.
-    backend: ClassVar[str]
-    #: Every environment variable the backend reads.
-    VARIABLES: ClassVar[tuple[str, ...]]
-
-    @classmethod
-    @abstractmethod
-    def from_env(cls, env: Env) -> StoreOptions:
-        """Read the backend's variables from a non-eager environs ``Env`` (errors are collected
-        by the caller's ``env.seal()``; an unset or unparseable variable keeps its default)."""
-
-    @abstractmethod
-    def problems(self, settings: Settings) -> list[str]:
-        """Every problem with these options in ``settings``' environment; never a secret."""
-
-    @abstractmethod
-    def redacted(self, settings: Settings) -> dict[str, Any]:
-        """The effective options keyed by variable name, secrets shown as ``***``."""
-
-    def with_client(self) -> StoreOptions:
-        """These options for an app that passes its own client (``client=``, ``SESSION_REDIS``):
-        a backend whose settings only build a client then neither requires nor uses them."""
-        return self
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the store held when a request read a session."""
-
-    #: Each top-level key's encoded value (``codec.pack_value``); None for a record an earlier
-    #: release stored whole, as one blob.
-    fields: Mapping[str, bytes] | None
-    #: That earlier release's blob (``codec.loads`` reads it).
-    blob: bytes | None = None
-    #: Whatever the backend needs to write the record back (Firestore: its stored expiry).
-    version: object = None
-    #: The user whose revocation mark the backend fetched with the record (the ``user`` passed
-    #: to ``read``), and that mark (None: that user was never revoked).
-    mark_user: str | None = None
-    mark: float | None = None
-
-
-@dataclass(frozen=True)
-class Retired:
-    """What a login or a logout leaves where a session was, for :data:`RETIRED_LINGER`.
-
-    A request still carrying the old id (an XHR in flight while the user signed in) reads this
-    instead of "no session": it starts no new anonymous session whose cookie would replace the
-    login's, and its changes are refused (409). A logout that still carries the pre-login id
-    ends ``successor`` too, so the signed-in session does not outlive the browser's cookie.
-    """
-
-    #: The store id the session moved to at login; None after a logout.
-    successor: str | None
-    #: Epoch seconds after which the marker means nothing (a read may outlive it in the store).
-    until: float
-
-    @classmethod
-    def now(cls, successor: str | None) -> Retired:
-        return cls(successor, time.time() + RETIRED_LINGER.total_seconds())
-
-    @property
-    def live(self) -> bool:
-        return self.until > time.time()
-
-
-@dataclass(frozen=True)
-class UserSession:
-    """One session of a user, as ``user_sessions()`` lists it: nothing that would let the
-    caller act as the user (no session id, no store key)."""
-
-    #: Opaque, stable for the session's life: pass it to ``revoke_session()``.
-    handle: str
-    created_at: datetime
-    #: When a request last used the session (Firestore: to within its refresh interval).
-    last_seen: datetime
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What a request's save does to the stored record: only the keys it changed."""
-
-    #: Keys set or replaced, with their encoded values.
-    set: Mapping[str, bytes]
-    #: Keys deleted.
-    delete: tuple[str, ...]
-    #: True: write ``set`` as the whole record (a new session, or one stored whole by an earlier
-    #: release, rewritten in the current format); False: merge into what is stored now.
-    whole: bool
-
-    def __bool__(self) -> bool:
-        return self.whole or bool(self.set) or bool(self.delete)
 
 
 def interface_options(settings: Settings) -> dict[str, Any]:
@@ -197,101 +80,11 @@ def interface_options(settings: Settings) -> dict[str, Any]:
         "key_prefix": settings.session_key_prefix,
         "permanent": settings.session_permanent,
         "sid_length": settings.session_id_length,
-        "absolute_lifetime": settings.session_absolute_lifetime,
         "anonymous_lifetime": settings.anonymous_lifetime,
-        "max_bytes": settings.session_max_bytes,
-        "user_key": settings.session_user_key,
         "rotate_on_login": settings.session_rotate_on_login,
         "service": settings.session_service,
         "cooldown": settings.session_store_cooldown,
-        "max_per_user": settings.session_max_per_user,
     }
-
-
-def handle_of(store_id: str) -> str:
-    """A session's public handle: derived from the store key, and no way back to it."""
-    return hashlib.sha256(b"pyloto-session-handle:" + store_id.encode()).hexdigest()[:32]
-
-
-def creation_time(value: object) -> float | None:
-    """A stored creation time that can be one: a finite number of epoch seconds within
-    ``CREATION_TIME_RANGE`` of now; None for anything else (NaN, a bool, a string, year 3000)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    if not math.isfinite(value) or abs(time.time() - value) > CREATION_TIME_RANGE:
-        return None
-    return float(value)
-
-
-def _stored_times(fields: Mapping[str, bytes]) -> dict[str, Any] | None:
-    """A stored session's USER_SINCE and CREATED_AT, decoded (None: they do not decode)."""
-    try:
-        return {
-            key: codec.unpack_value(fields[key])
-            for key in (USER_SINCE, CREATED_AT)
-            if key in fields
-        }
-    except ValueError:
-        return None
-
-
-def listed_since(fields: Mapping[str, bytes]) -> float | None:
-    """When a stored session became its user's, for a listing (USER_SINCE, else its creation
-    time, else now, as records of an early release); None when the record is malformed."""
-    data = _stored_times(fields)
-    if data is None or (CREATED_AT in data and creation_time(data[CREATED_AT]) is None):
-        return None
-    since = user_since(data)
-    return since if since > 0 else time.time()
-
-
-def began_before(fields: Mapping[str, bytes], at: float) -> bool:
-    """Whether a stored session became its user's before ``at``: what a revoke at ``at`` ends
-    (a malformed record, or one with no time at all, too)."""
-    data = _stored_times(fields)
-    return data is None or user_since(data) < at
-
-
-def mark_lifetime(absolute_lifetime: timedelta) -> float:
-    """Seconds a revocation mark is kept: the absolute lifetime (no session it ends can outlive
-    that) and a day's margin for a request that rotated such a session while the revoke ran."""
-    return absolute_lifetime.total_seconds() + 86_400
-
-
-def user_since(data: Mapping[str, Any]) -> float:
-    """When a session became its user's: USER_SINCE, or for a session stored before it existed
-    its creation time; 0 when neither is a time (any revoke ends it)."""
-    since = creation_time(data.get(USER_SINCE))
-    if since is None:
-        since = creation_time(data.get(CREATED_AT))
-    return 0.0 if since is None else since
-
-
-def user_session(
-    store_id: str,
-    created: float,
-    lifetime: timedelta,
-    seconds_left: float,
-    now: float | None = None,
-) -> UserSession:
-    """What ``user_sessions()`` shows of a session: when it began, and when it was last used
-    (its idle expiry, slid by every use, minus the lifetime)."""
-    now = time.time() if now is None else now
-    last_seen = now - max(0.0, lifetime.total_seconds() - seconds_left)
-    return UserSession(
-        handle=handle_of(store_id),
-        created_at=datetime.fromtimestamp(created, UTC),
-        last_seen=datetime.fromtimestamp(max(created, last_seen), UTC),
-    )
-
-
-def record_size(fields: Mapping[str, bytes]) -> int:
-    """Bytes a record takes stored: its keys, their encoded values and the framing around
-    them (what SESSION_MAX_BYTES limits)."""
-    size = RECORD_OVERHEAD
-    for key, raw in fields.items():
-        size += FIELD_OVERHEAD + len(key.encode("utf-8", "surrogatepass")) + len(raw)
-    return size
 
 
 def payload_size(record: Record) -> int:
@@ -445,7 +238,6 @@ class StoreInterface(ServerSideSessionInterface):
     """
 
     session_class = StoreSession
-    backend_name: ClassVar[str] = "store"
     # Every backend here expires sessions itself (or via `flask session-store cleanup`): this
     # keeps Flask-Session from registering its own cleanup hooks.
     ttl = True
@@ -453,120 +245,44 @@ class StoreInterface(ServerSideSessionInterface):
     def __init__(
         self,
         app: Flask,
+        records: RecordStore,
         *,
         key_prefix: str,
         permanent: bool = False,
         sid_length: int = 32,
-        absolute_lifetime: timedelta = timedelta(days=7),
-        max_bytes: int = 512 * 1024,
-        user_key: str = "_user_id",
         rotate_on_login: bool = True,
         service: str | None = None,
         cooldown: float = DEFAULT_COOLDOWN,
         anonymous_lifetime: timedelta = timedelta(minutes=30),
-        max_per_user: int = 1000,
     ) -> None:
         super().__init__(app, key_prefix=key_prefix, permanent=permanent, sid_length=sid_length)
-        self.absolute_lifetime = absolute_lifetime
         self.anonymous_lifetime = anonymous_lifetime
-        self.max_bytes = max_bytes
-        self.user_key = user_key
         self.rotate_on_login = rotate_on_login
         self.service = service
         #: After a store failure, this process answers 503 at once for a cool-down (breaker.py).
         self.breaker = Breaker(cooldown)
-        self.max_per_user = max_per_user
-        #: The same store's records, for keyed state (``pyloto_corp.state``); set by the backend.
-        self.records: RecordStore
+        #: The backend's store: this interface's sessions, and keyed state's entries.
+        self.records = records
+        self.backend_name = records.backend_name
         #: Store id -> its user, as this process last saw it (see ``read``'s ``user``).
         self._owners: dict[str, str] = {}
-        self._client_lock = threading.Lock()
 
-    # -- the contract: what each backend implements ------------------------------------------------
+    # The values the store and the sessions share are the store's, read there (one source).
 
-    @abstractmethod
-    def read(
-        self, store_id: str, lifetime: timedelta, user: str | None = None
-    ) -> Record | Retired | None:
-        """The stored record, its idle expiry slid to ``lifetime`` from now; the marker a login
-        or a logout left (:meth:`retire`); None when absent. One round trip when a record is
-        there: this runs on every request that carries a session cookie. ``user``: the user
-        this process last saw the session hold; a backend that can fetch that user's revocation
-        mark in the same round trip returns it in the record (``mark_user``)."""
+    @property
+    def max_bytes(self) -> int:
+        """The store's limit on a record (Firestore's is lower than SESSION_MAX_BYTES can be)."""
+        return self.records.max_bytes
 
-    @abstractmethod
-    def create(self, store_id: str, fields: Mapping[str, bytes], lifetime: timedelta) -> bool:
-        """Store a new record unless ``store_id`` is taken; False when it is (never overwrite).
-        Raises SessionTooLarge over ``max_bytes``."""
+    @property
+    def user_key(self) -> str:
+        """The session key naming its user (``SESSION_USER_KEY``)."""
+        return self.records.user_key
 
-    @abstractmethod
-    def update(self, store_id: str, changes: Changes, lifetime: timedelta, stored: Record) -> bool:
-        """Apply ``changes`` to the record in one atomic step if it still exists, and slide its
-        expiry; False when it does not (a logout is final). Keys the request did not change are
-        left as the store has them now, so concurrent requests' changes to other keys survive.
-        Raises SessionTooLarge, leaving the record unchanged, when the merged record would
-        exceed ``max_bytes``."""
-
-    @abstractmethod
-    def delete(self, store_id: str) -> bool:
-        """Delete the record; whether it was there (absent is fine, and says False)."""
-
-    @abstractmethod
-    def retire(self, store_id: str, marker: Retired) -> bool:
-        """Replace the live record at ``store_id`` by ``marker`` (kept about
-        :data:`RETIRED_LINGER`), in one atomic step; whether a live record was there. Absent
-        or already retired: nothing is written and the answer is False. Afterwards ``read``
-        returns the marker, and ``update`` refuses the id as gone."""
-
-    @abstractmethod
-    def ping(self) -> dict[str, object]:
-        """Prove the store answers, within the configured timeout; what it learnt of the
-        store's topology (nothing secret: ``/readyz`` shows it, less any address)."""
-
-    def touch(self, store_id: str, stored: Record, lifetime: timedelta) -> None:
-        """A read-only request ends: slide the expiry if ``read`` did not (Firestore does it
-        lazily). A record gone meanwhile is left gone."""
-
-    # -- the user index ("log out everywhere") ---------------------------------------------------
-    #
-    # Two parts. The revocation mark (one value per user: the time of the user's last revoke) is
-    # what makes a revoke final: every read of a session that has a user compares the session's
-    # USER_SINCE with it, so a session the index lost, or one a racing login put there a moment
-    # after the listing, still ends. The index only lists: a page at a time, never read whole,
-    # never deleted whole.
-
-    @abstractmethod
-    def revoked_at(self, user: str) -> float | None:
-        """The time of ``user``'s last revoke (None: none live); one store operation."""
-
-    @abstractmethod
-    def mark_revoked(self, user: str, at: float) -> None:
-        """From now on, every session of ``user`` whose USER_SINCE is before ``at`` is ended.
-        The mark lasts the absolute lifetime (and a margin): no such session can outlive it."""
-
-    @abstractmethod
-    def find_user_sessions(self, user: str, lifetime: timedelta) -> dict[str, UserSession]:
-        """The live sessions the index holds for ``user`` now, by store id, without reading any
-        session's data. Expired ones are left out (and dropped from the index on the way)."""
-
-    def index(self, store_id: str, user: str) -> None:
-        """``store_id`` now belongs to ``user``: one store operation at most. Stores that keep
-        the user in the record itself (and query it) do nothing here."""
-
-    def unindex(self, store_id: str, user: str) -> None:
-        """``store_id`` no longer belongs to ``user`` (logout, or the record was deleted)."""
-
-    def revoke(self, user: str, keep: Collection[str], before: float) -> int:
-        """Delete the sessions the index holds for ``user`` that began before ``before``, but
-        those in ``keep`` (store ids); how many were deleted. The mark is already set: this only
-        frees the records, and makes a request of them that is already running answer 409."""
-        ended = 0
-        for store_id, found in self.find_user_sessions(user, timedelta(0)).items():
-            if store_id not in keep and found.created_at.timestamp() < before:
-                if self.delete(store_id):
-                    ended += 1
-                self.unindex(store_id, user)
-        return ended
+    @property
+    def absolute_lifetime(self) -> timedelta:
+        """No session outlives it, however active (``SESSION_ABSOLUTE_LIFETIME``)."""
+        return self.records.absolute_lifetime
 
     def end_user_sessions(self, user: str, current: StoreSession | None = None) -> int:
         """End every session of ``user`` (but ``current``, when it is one of them); how many
@@ -575,8 +291,8 @@ class StoreInterface(ServerSideSessionInterface):
         keep: set[str] = set()
         if current is not None and self.user_of(current) == user:
             keep = self._keep_through(current, at)
-        self.mark_revoked(user, at)
-        return self.revoke(user, keep, at)
+        self.records.mark_revoked(user, at)
+        return self.records.revoke(user, keep, at)
 
     def _keep_through(self, session: StoreSession, at: float) -> set[str]:
         """The kept session's USER_SINCE moves to the revoke's time, in the store before the
@@ -590,7 +306,7 @@ class StoreInterface(ServerSideSessionInterface):
         raw = codec.pack_value(USER_SINCE, at)
         changes = Changes(set={USER_SINCE: raw}, delete=(), whole=False)
         lifetime = self.idle_lifetime(self.app, session.sid)
-        if not self.update(store_id, changes, lifetime, stored):
+        if not self.records.update(store_id, changes, lifetime, stored):
             return set()  # ended meanwhile: nothing to keep
         if stored.fields is not None:
             session.stored = replace(stored, fields={**stored.fields, USER_SINCE: raw})
@@ -598,10 +314,10 @@ class StoreInterface(ServerSideSessionInterface):
 
     def _revoked(self, record: Record, data: dict[str, Any], user: str, store_id: str) -> bool:
         """The session's user was revoked after the session became theirs: it ends now."""
-        mark = record.mark if record.mark_user == user else self.revoked_at(user)
+        mark = record.mark if record.mark_user == user else self.records.revoked_at(user)
         if mark is None or user_since(data) >= mark:
             return False
-        self.delete(store_id)
+        self.records.delete(store_id)
         self._owners.pop(store_id, None)
         logger.info("Ended session %s: its user's sessions were revoked", store_id)
         return True
@@ -624,7 +340,7 @@ class StoreInterface(ServerSideSessionInterface):
         try:
             with self.breaker.guard():
                 user = self._owners.get(store_id)
-                record = self.read(store_id, self.idle_lifetime(app, sid), user)
+                record = self.records.read(store_id, self.idle_lifetime(app, sid), user)
                 if isinstance(record, Retired):
                     if record.live:
                         return self.session_class(sid=sid, retired=record)
@@ -703,7 +419,7 @@ class StoreInterface(ServerSideSessionInterface):
             return False
         age = time.time() - created
         if age > self.absolute_lifetime.total_seconds():
-            self.delete(store_id)
+            self.records.delete(store_id)
             return False
         if age < -CLOCK_SKEW_TOLERANCE:
             logger.warning(
@@ -776,7 +492,7 @@ class StoreInterface(ServerSideSessionInterface):
             return
         if not session.modified:
             if session.stored is not None:
-                self.touch(store_id, session.stored, lifetime)
+                self.records.touch(store_id, session.stored, lifetime)
             return
         if self.rotate_on_login and session.stored is not None and session.replaces is None:
             user = self.user_of(session)
@@ -799,8 +515,8 @@ class StoreInterface(ServerSideSessionInterface):
             changes = self.changes(fields, session.stored)
             rewritten = changes.whole
             if not changes:
-                self.touch(store_id, session.stored, lifetime)
-            elif not self.update(store_id, changes, lifetime, session.stored):
+                self.records.touch(store_id, session.stored, lifetime)
+            elif not self.records.update(store_id, changes, lifetime, session.stored):
                 raise SessionGone
         else:
             self._create(app, session, fields)
@@ -823,16 +539,16 @@ class StoreInterface(ServerSideSessionInterface):
         assert session.replaces is not None
         user = self.user_of(session)
         if user is not None:
-            self.index(store_id, user)
-        if not self.retire(session.replaces, Retired.now(store_id)):
+            self.records.index(store_id, user)
+        if not self.records.retire(session.replaces, Retired.now(store_id)):
             # Logged out or revoked while this request ran: its copy must not outlive it.
-            self.delete(store_id)
+            self.records.delete(store_id)
             raise SessionGone
         self._owners.pop(session.replaces, None)
         self._remember(store_id, user)
         if session.owner is not None:
             try:
-                self.unindex(session.replaces, session.owner)
+                self.records.unindex(session.replaces, session.owner)
             except SessionStoreUnavailable as exc:
                 logger.warning("Left a stale user-index entry after a login: %s", exc)
         session.owner = user
@@ -854,19 +570,19 @@ class StoreInterface(ServerSideSessionInterface):
         if user == session.owner and not (rewritten and user is not None):
             return
         if session.owner is not None and session.owner != user:
-            self.unindex(store_id, session.owner)
+            self.records.unindex(store_id, session.owner)
         if user is not None:
-            self.index(store_id, user)
+            self.records.index(store_id, user)
         session.owner = user
 
     def _forget(self, session: StoreSession, store_id: str) -> None:
         """Retire the session's records (and drop their index entries): a request still
         carrying the id can neither write it back nor start a session in its place."""
         for stale in self._stale_ids(session, store_id):
-            self.retire(stale, Retired.now(None))
+            self.records.retire(stale, Retired.now(None))
             self._owners.pop(stale, None)
             if session.owner is not None:
-                self.unindex(stale, session.owner)
+                self.records.unindex(stale, session.owner)
         session.owner = None
 
     def user_of(self, data: dict[str, Any]) -> str | None:
@@ -890,7 +606,7 @@ class StoreInterface(ServerSideSessionInterface):
             session.sid = self._new_sid(session)
         lifetime = self.idle_lifetime(app, session.sid)
         for _ in range(3):
-            if self.create(self.store_id(session.sid), fields, lifetime):
+            if self.records.create(self.store_id(session.sid), fields, lifetime):
                 return
             session.sid = self._new_sid(session)
         raise SessionStoreUnavailable(f"{self.backend_name} store: could not allocate a session id")
@@ -900,17 +616,8 @@ class StoreInterface(ServerSideSessionInterface):
         exactly or the whole is over the size limit."""
         items: Iterable[tuple[str, Any]] = dict.items(session)
         fields = {key: codec.pack_value(key, value) for key, value in items}
-        self.check_size(record_size(fields))
+        self.records.check_size(record_size(fields))
         return fields
-
-    def check_size(self, size: int) -> None:
-        """Raise SessionTooLarge when a record of ``size`` bytes exceeds the limit."""
-        if size > self.max_bytes:
-            raise SessionTooLarge(
-                f"The session is {size:,} bytes encoded; the {self.backend_name} store "
-                f"accepts at most {self.max_bytes:,} (SESSION_MAX_BYTES). The stored session was "
-                "left unchanged."
-            )
 
     @staticmethod
     def changes(fields: Mapping[str, bytes], stored: Record) -> Changes:
@@ -985,7 +692,7 @@ class StoreInterface(ServerSideSessionInterface):
         if session.retired is not None and session.retired.successor is not None:
             # The request carried the id a login just retired: the browser may already hold
             # the signed-in session's cookie, which this logout deletes; end that session too.
-            self.retire(session.retired.successor, Retired.now(None))
+            self.records.retire(session.retired.successor, Retired.now(None))
         session.retired = None
         self._forget(session, self.store_id(session.sid))
         session.sid = self._generate_sid(self.sid_length)
@@ -1034,31 +741,14 @@ class StoreInterface(ServerSideSessionInterface):
     def store_id(self, sid: str) -> str:
         return hashed_store_id(self.key_prefix, sid)
 
-    #: (process id, client) once built; see :meth:`process_client`.
-    _client: tuple[int, Any] | None = None
-
-    def process_client(self, build: Callable[[], T]) -> T:
-        """The backend's client, built on first use and again in a forked child: building may do
-        IO (a cluster's slot map) or open channels that do not survive a fork (gRPC), which
-        must happen neither at app init nor before gunicorn forks its workers."""
-        current = self._client
-        if current is None or current[0] != os.getpid():
-            with self._client_lock:
-                current = self._client
-                if current is None or current[0] != os.getpid():
-                    current = (os.getpid(), build())
-                    self._client = current
-        client: T = current[1]
-        return client
-
     # Flask-Session's abstract hooks: its open/save/regenerate are replaced above, so nothing in
     # Flask-Session calls these; they answer through the contract all the same.
     def _retrieve_session_data(self, store_id: str) -> dict[str, Any] | None:
-        record = self.read(store_id, self.app.permanent_session_lifetime)
+        record = self.records.read(store_id, self.app.permanent_session_lifetime)
         return self.decode(record, store_id) if isinstance(record, Record) else None
 
     def _delete_session(self, store_id: str) -> None:
-        self.delete(store_id)
+        self.records.delete(store_id)
 
     def _upsert_session(
         self, session_lifetime: timedelta, session: ServerSideSession, store_id: str

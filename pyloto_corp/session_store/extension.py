@@ -19,11 +19,13 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from ..config.app_config import effective_settings
 from ..config.settings import Settings, Var
 from ..errors import ConfigurationError, LeaseLost, SessionStoreUnavailable, StateBusy
+from ..records.base import RecordStore
 from .base import (
     StoreInterface,
     answer_lease_lost,
     answer_state_busy,
     answer_store_unavailable,
+    interface_options,
 )
 
 if TYPE_CHECKING:
@@ -85,8 +87,9 @@ class SessionStore:
             raise ConfigurationError(settings.environment, problems)
 
         _configure_flask(app, settings)
-        backend = importlib.import_module(f"{__package__}.{settings.session_store_backend}")
-        interface: StoreInterface = backend.create_interface(app, settings, client)
+        backend = importlib.import_module(f"pyloto_corp.records.{settings.session_store_backend}")
+        records: RecordStore = backend.create_store(settings, client)
+        interface = StoreInterface(app, records, **interface_options(settings))
         app.session_interface = interface
         # A view that uses the session while the store is down gets a 503, not a 500.
         app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from flask import current_app, has_request_context, session
 
-from .base import StoreInterface, StoreSession, UserSession
+from ..records.base import UserSession
+from .base import StoreInterface, StoreSession
 
 
 def _interface() -> StoreInterface:
@@ -46,7 +47,7 @@ def user_sessions(user_id: object) -> list[UserSession]:
     interface = _interface()
     lifetime = current_app.permanent_session_lifetime
     with interface.breaker.guard():  # logged, and failing fast, like the request path
-        found = interface.find_user_sessions(str(user_id), lifetime)
+        found = interface.records.find_user_sessions(str(user_id), lifetime)
     return sorted(found.values(), key=lambda item: (item.created_at, item.handle))
 
 
@@ -75,11 +76,11 @@ def revoke_session(user_id: object, handle: str) -> bool:
     interface = _interface()
     user = str(user_id)
     with interface.breaker.guard():
-        for store_id, found in interface.find_user_sessions(
+        for store_id, found in interface.records.find_user_sessions(
             user, current_app.permanent_session_lifetime
         ).items():
             if found.handle == handle:
-                interface.delete(store_id)
-                interface.unindex(store_id, user)
+                interface.records.delete(store_id)
+                interface.records.unindex(store_id, user)
                 return True
     return False

@@ -7,8 +7,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from pyloto_corp.records.firestore import FirestoreRecords
 from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store.firestore import FirestoreSessionInterface
 from pyloto_corp.state import KeyedState
 from tests.conftest import MakeApp
 
@@ -25,9 +25,9 @@ def test_cleanup_deletes_expired_entries_and_keeps_live_ones(
             state["x"] = 1
     time.sleep(1.2)
     interface = SessionStore.state(app).interface
-    assert isinstance(interface, FirestoreSessionInterface)
-    assert interface.delete_expired_sessions() == 1
-    documents = list(firestore_client.collection(interface.collection).stream())
+    assert isinstance(interface.records, FirestoreRecords)
+    assert interface.records.delete_expired() == 1
+    documents = list(firestore_client.collection(interface.records.collection).stream())
     assert len(documents) == 1
     with app.app_context():
         assert short.get("a") is None

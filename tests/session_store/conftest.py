@@ -13,10 +13,11 @@ from flask import Flask
 from redis.cluster import RedisCluster
 from werkzeug.test import TestResponse
 
+from pyloto_corp.records.memory import MemoryRecords, MemoryStore
+from pyloto_corp.records.redis import scripts as redis_scripts
+from pyloto_corp.records.redis import store as redis_store
 from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.base import Retired
-from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
 from tests.conftest import SECRET, MakeApp
 
 
@@ -42,8 +43,8 @@ class Harness:
 def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
     def store(app: Flask) -> MemoryStore:
         interface = app.session_interface
-        assert isinstance(interface, MemorySessionInterface)
-        return interface.store
+        assert isinstance(interface.records, MemoryRecords)
+        return interface.records.sessions
 
     def write(app: Flask, key: str, data: bytes) -> None:
         store(app).delete(key)
@@ -59,8 +60,8 @@ def _memory(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
 def _read_redis(client: Any, key: str) -> object:
     """The record as stored: each key's encoded value, or an earlier release's bytes."""
     data = client.get(key)
-    if isinstance(data, bytes) and data[:2] == redis_backend.RECORD_MARKER:
-        return redis_backend.parse_record(data)
+    if isinstance(data, bytes) and data[:2] == redis_scripts.RECORD_MARKER:
+        return redis_store.parse_record(data)
     return data
 
 

@@ -22,9 +22,9 @@ from werkzeug.test import TestResponse
 
 from pyloto_corp.cli import session_store_cli
 from pyloto_corp.config.settings import Settings
+from pyloto_corp.records.memory import MemoryRecords, MemoryStore
 from pyloto_corp.session_store import SessionStore, rotate_session_id, user_sessions
 from pyloto_corp.session_store.base import hashed_store_id, is_anonymous_sid
-from pyloto_corp.session_store.memory import MemorySessionInterface, MemoryStore
 from pyloto_corp.views import bp
 from tests.conftest import SECRET, redis_production_env
 from tests.host_app import HOST_COOKIE_NAME, create_host_app
@@ -100,8 +100,8 @@ SecondsLeft = Callable[[Flask, str], float]
 
 def _memory_left(app: Flask, store_id: str) -> float:
     interface = app.session_interface
-    assert isinstance(interface, MemorySessionInterface)
-    return {key: left for key, _, left in interface.store.live()}[store_id]
+    assert isinstance(interface.records, MemoryRecords)
+    return {key: left for key, _, left in interface.records.sessions.live()}[store_id]
 
 
 @pytest.fixture
@@ -254,8 +254,8 @@ def test_the_memory_store_drops_anonymous_sessions_before_users_when_full() -> N
     for _ in range(500):
         assert app.test_client().post("/visit").status_code == 200
     interface = app.session_interface
-    assert isinstance(interface, MemorySessionInterface)
-    assert len(interface.store.live()) == 100
+    assert isinstance(interface.records, MemoryRecords)
+    assert len(interface.records.sessions.live()) == 100
     assert [client.get("/me").text for client in users] == [f"u{n}" for n in range(50)]
 
 
@@ -463,8 +463,8 @@ def test_session_anonymous_lifetime_from_app_config_is_used() -> None:
     client = app.test_client()
     client.post("/session/counter")
     interface = app.session_interface
-    assert isinstance(interface, MemorySessionInterface)
-    ((_, _, seconds_left),) = interface.store.live()
+    assert isinstance(interface.records, MemoryRecords)
+    ((_, _, seconds_left),) = interface.records.sessions.live()
     assert 270 < seconds_left <= 300
     assert SessionStore.state(app).settings.anonymous_lifetime == timedelta(minutes=5)
 
@@ -477,6 +477,6 @@ def test_a_lifetime_shortened_at_runtime_bounds_the_anonymous_one_too() -> None:
     app.permanent_session_lifetime = timedelta(minutes=2)
     app.test_client().post("/session/counter")
     interface = app.session_interface
-    assert isinstance(interface, MemorySessionInterface)
-    ((_, _, seconds_left),) = interface.store.live()
+    assert isinstance(interface.records, MemoryRecords)
+    ((_, _, seconds_left),) = interface.records.sessions.live()
     assert 110 < seconds_left <= 120

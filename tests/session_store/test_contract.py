@@ -119,7 +119,7 @@ def test_oversized_session_is_refused_and_the_stored_one_kept(
     backend: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = backend.make()
-    SessionStore.state(app).interface.max_bytes = 4096
+    SessionStore.state(app).interface.records.max_bytes = 4096
 
     @app.post("/big")
     def big() -> dict[str, bool]:
@@ -414,7 +414,7 @@ def test_a_session_stored_by_the_previous_release_keeps_working(
     change."""
     import msgspec
 
-    from pyloto_corp.session_store import codec
+    from pyloto_corp.records import codec
 
     backend = shared_backend
     app = backend.make()
@@ -474,7 +474,7 @@ def test_the_size_limit_holds_for_the_merged_record(
     write is refused (500, nothing written), the first one's change is kept."""
     backend = HARNESSES[store](make_app, request)
     app = backend.make()
-    SessionStore.state(app).interface.max_bytes = 4096
+    SessionStore.state(app).interface.records.max_bytes = 4096
     _overlapping_routes(app)
     client = app.test_client()
     sid = sid_of(client.post("/session/counter"))

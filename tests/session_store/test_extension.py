@@ -10,10 +10,11 @@ import redis as redis_py
 from flask import Flask
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings
-from pyloto_corp.session_store import EXTENSION_KEY, firestore, redis
-from pyloto_corp.session_store.firestore import FirestoreSessionInterface
-from pyloto_corp.session_store.memory import MemorySessionInterface
-from pyloto_corp.session_store.redis import RedisSessionInterface
+from pyloto_corp.records import firestore, redis
+from pyloto_corp.records.firestore import FirestoreRecords
+from pyloto_corp.records.memory import MemoryRecords
+from pyloto_corp.records.redis.store import RedisRecords
+from pyloto_corp.session_store import EXTENSION_KEY
 from tests.conftest import SECRET
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer, free_port
@@ -27,7 +28,7 @@ def test_init_app_registers_state_in_app_extensions() -> None:
     state = app.extensions[EXTENSION_KEY]
     assert state.settings is settings
     assert app.session_interface is state.interface
-    assert isinstance(state.interface, MemorySessionInterface)
+    assert isinstance(state.interface.records, MemoryRecords)
     assert not hasattr(store, "app")
 
 
@@ -121,12 +122,12 @@ def test_production_with_redis_binds_flask_session_without_connecting() -> None:
     )
     SessionStore(app, settings)
     interface = app.session_interface
-    assert isinstance(interface, RedisSessionInterface)
-    kwargs = interface.client.connection_pool.connection_kwargs
+    assert isinstance(interface.records, RedisRecords)
+    kwargs = interface.records.client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == redis.Options().socket_timeout
     assert kwargs["socket_connect_timeout"] == redis.Options().connect_timeout
     assert kwargs["retry"].get_retries() == 1
-    assert "pw" not in interface.display_url
+    assert "pw" not in interface.records.display_url
 
 
 def test_caller_may_pass_its_own_redis_client(redis_server: RedisServer) -> None:
@@ -141,7 +142,7 @@ def test_caller_may_pass_its_own_redis_client(redis_server: RedisServer) -> None
         ),
         client=client,
     )
-    assert app.session_interface.client is client
+    assert app.session_interface.records.client is client
     client.close()
 
 
@@ -158,8 +159,8 @@ def test_production_with_firestore_boots_without_touching_google(
         secret_key=SECRET,
     )
     SessionStore(app, settings)
-    assert isinstance(app.session_interface, FirestoreSessionInterface)
-    assert app.session_interface._client is None
+    assert isinstance(app.session_interface.records, FirestoreRecords)
+    assert app.session_interface.records._client is None
 
 
 def test_a_client_that_is_not_redis_py_is_refused_not_replaced() -> None:
@@ -176,8 +177,8 @@ def test_flask_sessions_session_redis_client_is_used_as_given(redis_server: Redi
     app.config.update(SESSION_TYPE="redis", SESSION_REDIS=client, REDIS_URL=redis_server.url)
     SessionStore(app)
     interface = app.session_interface
-    assert isinstance(interface, RedisSessionInterface)
-    assert interface.client is client
+    assert isinstance(interface.records, RedisRecords)
+    assert interface.records.client is client
     client.close()
 
 
@@ -186,7 +187,7 @@ def test_a_redis_cluster_client_is_used_as_given(redis_cluster: RedisClusterNode
     app = Flask(__name__)
     app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_cluster.url)
     SessionStore(app, client=client)
-    assert app.session_interface.client is client  # type: ignore[attr-defined]
+    assert app.session_interface.records.client is client  # type: ignore[attr-defined]
 
     _user_routes(app)
 
@@ -204,7 +205,7 @@ def test_a_valkey_py_client_is_used_as_given(redis_server: RedisServer) -> None:
     app = Flask(__name__)
     app.config.update(SESSION_STORE_BACKEND="redis", REDIS_URL=redis_server.url)
     SessionStore(app, client=client)
-    assert app.session_interface.client is client  # type: ignore[attr-defined]
+    assert app.session_interface.records.client is client  # type: ignore[attr-defined]
 
     _user_routes(app)
 
@@ -329,7 +330,7 @@ def test_a_flask_session_app_with_session_redis_needs_no_redis_url(
     SessionStore(app)
     state = SessionStore.state(app)
     assert state.settings.environment == "production"
-    assert state.interface.client is client  # type: ignore[attr-defined]
+    assert state.interface.records.client is client  # type: ignore[attr-defined]
     assert state.settings.redacted()["REDIS_URL"] == "client given by the app"
     _serves_on(app, admin)
     admin.close()
@@ -395,7 +396,7 @@ def test_firestore_with_a_given_client_needs_no_project(
     app.config.update(SECRET_KEY=SECRET, SESSION_STORE_BACKEND="firestore")
     SessionStore(app, client=given)
     state = SessionStore.state(app)
-    assert state.interface.client is given  # type: ignore[attr-defined]
+    assert state.interface.records.client is given  # type: ignore[attr-defined]
     assert state.settings.redacted()["FIRESTORE_PROJECT"] == "client given by the app"
     _user_routes(app)
     web = app.test_client()

@@ -13,14 +13,15 @@ from flask import Flask, session
 from flask.testing import FlaskClient
 from google.cloud import firestore
 
+from pyloto_corp.records import codec
+from pyloto_corp.records.base import handle_of
+from pyloto_corp.records.firestore import FirestoreRecords
 from pyloto_corp.session_store import (
-    codec,
     revoke_session,
     revoke_user_sessions,
     user_sessions,
 )
-from pyloto_corp.session_store.base import handle_of, hashed_store_id
-from pyloto_corp.session_store.firestore import FirestoreSessionInterface
+from pyloto_corp.session_store.base import hashed_store_id
 from tests.conftest import MakeApp
 from tests.firestore_operations import counting_document_operations
 from tests.services import free_port
@@ -67,10 +68,10 @@ def operations() -> Iterator[Counter[str]]:
 
 def test_client_is_created_on_first_use(app: Flask) -> None:
     interface = app.session_interface
-    assert isinstance(interface, FirestoreSessionInterface)
-    assert interface._client is None
+    assert isinstance(interface.records, FirestoreRecords)
+    assert interface.records._client is None
     app.test_client().post("/session/counter")
-    assert interface._client is not None
+    assert interface.records._client is not None
 
 
 def test_document_fields(app: Flask, sessions: firestore.CollectionReference) -> None:
@@ -201,8 +202,8 @@ def test_cleanup_removes_only_expired_documents(
         )
     live = _sid(app.test_client().post("/session/counter").headers["Set-Cookie"])
     interface = app.session_interface
-    assert isinstance(interface, FirestoreSessionInterface)
-    assert interface.delete_expired_sessions(batch_size=3) == 7
+    assert isinstance(interface.records, FirestoreRecords)
+    assert interface.records.delete_expired(batch_size=3) == 7
     remaining = [snapshot.id for snapshot in sessions.stream()]
     assert remaining == [hashed_store_id("session:", live)]
 
@@ -256,7 +257,7 @@ def test_a_blob_written_by_the_previous_release_mid_request_never_wipes_the_sess
     """A rolling deploy: an instance of the previous release writes its whole blob to ``data``
     while a request of this release merges into ``fields``: the merge lands on ``fields``, the
     session keeps every key (the previous release's change is the one lost)."""
-    from pyloto_corp.session_store.firestore import FIELDS
+    from pyloto_corp.records.firestore import FIELDS
 
     @app.post("/late")
     def late() -> dict[str, bool]:

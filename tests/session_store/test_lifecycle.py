@@ -153,9 +153,9 @@ def test_the_redis_index_stays_bounded(
     backend = HARNESSES[store](make_app, request)  # type: ignore[arg-type]
     app = _routes(backend.make())
     interface = SessionStore.state(app).interface
-    client = interface.client  # type: ignore[attr-defined]
-    index = interface.index_key("ana")  # type: ignore[attr-defined]
-    interface.absolute_lifetime = timedelta(seconds=2)
+    client = interface.records.client  # type: ignore[attr-defined]
+    index = interface.records.index_key("ana")  # type: ignore[attr-defined]
+    interface.records.absolute_lifetime = timedelta(seconds=2)
     for _ in range(4):
         _login(app, "ana")
     assert client.zcard(index) == 4

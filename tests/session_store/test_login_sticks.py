@@ -26,7 +26,8 @@ from flask import Flask, session
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from pyloto_corp.session_store import SessionStore, base
+from pyloto_corp.records import base
+from pyloto_corp.session_store import SessionStore
 from tests.conftest import SECRET, MakeApp
 from tests.services import FirestoreEmulator, Gunicorn, RedisServer
 from tests.session_store.conftest import Harness, sid_of
@@ -151,13 +152,13 @@ def test_no_write_can_bring_a_retired_id_back(backend: Harness) -> None:
     old = sid_of(_client(app).post("/session/counter"))
     interface = SessionStore.state(app).interface
     store_id = interface.store_id(old)
-    stored = interface.read(store_id, timedelta(hours=1))
+    stored = interface.records.read(store_id, timedelta(hours=1))
     assert isinstance(stored, base.Record)
     _login(app, old)
     value = {"counter": b"\xc1\x01\x07"}
     for whole in (True, False):
         changes = Changes(set=value, delete=(), whole=whole)
-        assert interface.update(store_id, changes, timedelta(hours=1), stored) is False
+        assert interface.records.update(store_id, changes, timedelta(hours=1), stored) is False
     assert backend.read_raw(app, store_id) is None
 
 
@@ -246,7 +247,7 @@ def test_the_marker_stops_counting_after_its_linger(
 def test_a_session_an_earlier_release_stored_is_retired_at_login(
     shared_backend: Harness,
 ) -> None:
-    from pyloto_corp.session_store import codec
+    from pyloto_corp.records import codec
 
     backend = shared_backend
     app = backend.make()

@@ -15,15 +15,15 @@ import redis
 from flask import Flask, session
 
 from pyloto_corp.errors import SessionTooLarge
+from pyloto_corp.records import codec
+from pyloto_corp.records.redis import store as redis_store
+from pyloto_corp.records.redis.scripts import RECORD_MARKER
 from pyloto_corp.session_store import (
     SessionStore,
-    codec,
     revoke_user_sessions,
     user_sessions,
 )
-from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.base import CREATED_AT, Changes, record_size
-from pyloto_corp.session_store.redis import RECORD_MARKER
 from tests.conftest import MakeApp
 from tests.session_store.conftest import HARNESSES, Harness, user_routes
 from tests.stored import store_session
@@ -41,11 +41,11 @@ def _plant(app: Flask, sid: str, data: dict[str, Any], *, max_bytes: int = 1 << 
     """Store ``data`` under ``sid`` as someone with store access could (no size limit)."""
     interface = SessionStore.state(app).interface
     store_id = interface.store_id(sid)
-    limit, interface.max_bytes = interface.max_bytes, max_bytes
+    limit, interface.records.max_bytes = interface.max_bytes, max_bytes
     try:
         store_session(app, store_id, data)
     finally:
-        interface.max_bytes = limit
+        interface.records.max_bytes = limit
     return store_id
 
 
@@ -100,7 +100,7 @@ def test_a_record_over_the_size_limit_is_no_session_and_no_500(
     """Planted, or stored before SESSION_MAX_BYTES was lowered: every request of that cookie
     gets a fresh session (it used to answer 500 on every write)."""
     app = store.make()
-    SessionStore.state(app).interface.max_bytes = 4096
+    SessionStore.state(app).interface.records.max_bytes = 4096
     data = {CREATED_AT: int(time.time()), "counter": 7, "blob": "x" * 20_000}
     store_id = _plant(app, PLANTED_SID, data)
     client = app.test_client()
@@ -143,7 +143,7 @@ def test_one_bad_record_never_aborts_a_listing_or_a_revoke(store: Harness, case:
     bad = {CREATED_AT: BAD_CREATION_TIMES[case](), "_user_id": "ana"}
     planted = _plant(app, PLANTED_SID, bad)
     # In the index too, as if it had logged in through the app.
-    interface.index(planted, "ana")
+    interface.records.index(planted, "ana")
     with app.app_context():
         # Redis lists from the index alone (never a session's data): the planted entry shows
         # there, and goes with the revoke like the others.
@@ -174,7 +174,7 @@ def _framed_over_payload_under(limit: int) -> dict[str, bytes]:
 def test_the_framing_counts_toward_the_limit(store: Harness) -> None:
     app = store.make()
     interface = SessionStore.state(app).interface
-    interface.max_bytes = 4096
+    interface.records.max_bytes = 4096
     fields = _framed_over_payload_under(4096)
     assert record_size(fields) > 4096
     keys = list(fields)
@@ -200,7 +200,7 @@ def test_a_record_of_the_previous_release_at_the_old_limit_is_still_read(
     over the new count by its framing, and is read all the same (a deploy logs no one out)."""
     app = store.make()
     interface = SessionStore.state(app).interface
-    interface.max_bytes = 4096
+    interface.records.max_bytes = 4096
     fields = _framed_over_payload_under(4096 - 40)
     data = {key: int(key[1:]) for key in fields}
     data[CREATED_AT] = int(time.time())
@@ -221,10 +221,10 @@ def test_the_write_script_refuses_an_oversized_record_before_parsing_it(
     harness = HARNESSES[name](make_app, request)
     app = harness.make()
     interface = SessionStore.state(app).interface
-    assert isinstance(interface, redis_backend.RedisSessionInterface)
-    client: Any = interface.client
+    assert isinstance(interface.records, redis_store.RedisRecords)
+    client: Any = interface.records.client
     store_id = _plant(app, PLANTED_SID, {CREATED_AT: int(time.time()), "counter": 1})
-    stored = interface.read(store_id, timedelta(hours=1))
+    stored = interface.records.read(store_id, timedelta(hours=1))
     assert stored is not None
     # 24 MB of many small fields: the most expensive shape for the script to take apart.
     field = struct_field("k", b"\xa1x")
@@ -232,7 +232,7 @@ def test_the_write_script_refuses_an_oversized_record_before_parsing_it(
     changes = Changes(set={"counter": codec.pack_value("counter", 2)}, delete=(), whole=False)
     started = time.perf_counter()
     with pytest.raises(SessionTooLarge, match="accepts at most"):
-        interface.update(store_id, changes, timedelta(hours=1), stored)
+        interface.records.update(store_id, changes, timedelta(hours=1), stored)
     elapsed = time.perf_counter() - started
     assert elapsed < 0.25, f"the write script took {elapsed:.2f} s on a 24 MB record"
     assert client.strlen(store_id) > 23_000_000  # left as it was
@@ -254,10 +254,10 @@ def test_the_write_script_counts_the_framing(
     while record_size({**fields, f"k{n:03d}": codec.pack_value("k", n)}) <= 1024:
         fields[f"k{n:03d}"] = codec.pack_value("k", n)
         n += 1
-    assert interface.create("session:exact", fields, timedelta(minutes=1))
+    assert interface.records.create("session:exact", fields, timedelta(minutes=1))
     assert redis_client.strlen("session:exact") == record_size(fields) <= 1024
     more = Changes(set={f"k{n:03d}": codec.pack_value("k", n)}, delete=(), whole=False)
-    stored = interface.read("session:exact", timedelta(minutes=1))
+    stored = interface.records.read("session:exact", timedelta(minutes=1))
     assert stored is not None
     with pytest.raises(SessionTooLarge, match="accepts at most 1,024"):
-        interface.update("session:exact", more, timedelta(minutes=1), stored)
+        interface.records.update("session:exact", more, timedelta(minutes=1), stored)

@@ -9,10 +9,12 @@ import redis
 from flask import Flask, session
 
 from pyloto_corp.config.settings import Settings
+from pyloto_corp.records.redis import options as redis_options
+from pyloto_corp.records.redis import store as redis_store
+from pyloto_corp.records.redis.options import parse_url
+from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store import redis as redis_backend
 from pyloto_corp.session_store.base import hashed_store_id
-from pyloto_corp.session_store.redis import RedisSessionInterface, parse_url
 from tests.conftest import SECRET, MakeApp
 from tests.redis_commands import commands
 from tests.services import free_port
@@ -178,7 +180,7 @@ def test_a_password_with_reserved_characters_is_read_and_never_shown() -> None:
 )
 def test_redis_url_problems_name_the_fix(url: str, fragment: str) -> None:
     problems = Settings(
-        session_store_backend="redis", store=redis_backend.Options(url=url)
+        session_store_backend="redis", store=redis_options.Options(url=url)
     ).validate()
     assert len(problems) == 1
     assert fragment in problems[0]
@@ -193,8 +195,8 @@ def test_a_cluster_url_builds_no_client_until_the_first_request(make_app: MakeAp
         ENV="production", SESSION_STORE_BACKEND="redis", REDIS_URL=url, SECRET_KEY=SECRET
     )
     interface = app.session_interface
-    assert isinstance(interface, RedisSessionInterface)
-    assert interface.has_client() is False
+    assert isinstance(interface.records, RedisRecords)
+    assert interface.records.has_client() is False
     client = app.test_client()
     client.set_cookie("session", "x" * 43)
     response = client.get("/session/counter", headers={"Accept": "application/json"})
@@ -231,7 +233,7 @@ def test_a_broken_record_is_a_fresh_session(
     app: Flask, redis_client: redis.Redis, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ValueError, match="record"):
-        redis_backend.parse_record(data)
+        redis_store.parse_record(data)
     client = app.test_client()
     client.post("/session/counter")
     (key,) = redis_client.keys("session:*")

@@ -26,16 +26,17 @@ from redis.retry import Retry
 from werkzeug.test import TestResponse
 
 from pyloto_corp import ConfigurationError, Settings, create_app
-from pyloto_corp.session_store import SessionStore
-from pyloto_corp.session_store import redis as redis_backend
-from pyloto_corp.session_store.base import hashed_store_id
-from pyloto_corp.session_store.redis import (
+from pyloto_corp.records.redis import options as redis_options
+from pyloto_corp.records.redis import scripts as redis_scripts
+from pyloto_corp.records.redis.client import (
     IAM_REFRESH_MARGIN,
     RETRIES,
     IamCredentialProvider,
     PinnedSSLConnection,
-    RedisSessionInterface,
 )
+from pyloto_corp.records.redis.store import RedisRecords
+from pyloto_corp.session_store import SessionStore
+from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.views import bp
 from tests.conftest import SECRET, TLS_PASSWORD, MakeApp, redis_production_env
 from tests.redis_commands import commands
@@ -90,7 +91,7 @@ def _holds_session(admin: Any) -> Any:
 
     def holds(store_id: str) -> bool:
         data = admin.get(store_id)
-        return isinstance(data, bytes) and data[:2] == redis_backend.RECORD_MARKER
+        return isinstance(data, bytes) and data[:2] == redis_scripts.RECORD_MARKER
 
     return holds
 
@@ -161,7 +162,7 @@ def _iam_app(port: int, client: redis.Redis) -> Flask:
         environment="production",
         secret_key=SECRET,
         session_store_backend="redis",
-        store=redis_backend.Options(url=f"redis://127.0.0.1:{port}/0", iam_auth=True),
+        store=redis_options.Options(url=f"redis://127.0.0.1:{port}/0", iam_auth=True),
     )
     SessionStore(app, settings, client=client)
     app.register_blueprint(bp)
@@ -223,8 +224,8 @@ def test_iam_auth_from_env_installs_the_iam_provider_without_connecting(
         port = listener.getsockname()[1]
         app = make_app(**_env(f"redis://127.0.0.1:{port}/0", **PLAINTEXT_IAM))
         interface = SessionStore.state(app).interface
-        assert isinstance(interface, RedisSessionInterface)
-        client = interface.client
+        assert isinstance(interface.records, RedisRecords)
+        client = interface.records.client
         assert isinstance(client, redis.Redis)
         kwargs = client.connection_pool.connection_kwargs
         assert isinstance(kwargs["credential_provider"], IamCredentialProvider)
@@ -449,13 +450,13 @@ def test_tls_cluster_session_round_trip_and_readiness(
     caplog.set_level(logging.DEBUG)
     app = make_app(**_env(tls_cluster.url(), REDIS_SSL_CA_CERTS=str(tls_cluster.files.ca)))
     interface = SessionStore.state(app).interface
-    assert isinstance(interface, RedisSessionInterface)
+    assert isinstance(interface.records, RedisRecords)
     admin = _tls_admin(tls_cluster)
     try:
         _round_trip(app, _holds_session(admin))
     finally:
         admin.close()
-    client = interface.client
+    client = interface.records.client
     assert isinstance(client, RedisCluster)
     # Discovered from two seeds: all three primaries, each reached over TLS.
     assert sorted(node.port for node in client.get_primaries()) == sorted(tls_cluster.ports)
@@ -523,8 +524,8 @@ def test_cluster_url_spreads_sessions_over_every_primary_one_round_trip_per_read
         seeds = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports[:2])
         app = make_app(**_env(f"redis+cluster://{seeds}"))
         interface = SessionStore.state(app).interface
-        assert isinstance(interface, RedisSessionInterface)
-        client = interface.client
+        assert isinstance(interface.records, RedisRecords)
+        client = interface.records.client
         assert isinstance(client, RedisCluster)
 
         http = _http(app)
@@ -700,8 +701,8 @@ def test_pinned_ca_refuses_a_publicly_trusted_cluster_before_auth(
         good = make_app(**_env(tls_cluster.url(), REDIS_SSL_CA_CERTS=str(files.ca)))
         _assert_ready_cluster(good)
         interface = SessionStore.state(good).interface
-        assert isinstance(interface, RedisSessionInterface)
-        cluster = interface.client
+        assert isinstance(interface.records, RedisRecords)
+        cluster = interface.records.client
         assert isinstance(cluster, RedisCluster)
         # Every node, the seeds and the one found in the slot map, connects pinned.
         pools = [node.redis_connection.connection_pool for node in cluster.get_nodes()]

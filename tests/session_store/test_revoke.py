@@ -18,6 +18,8 @@ from flask.testing import FlaskClient
 from redis.connection import Connection
 
 from pyloto_corp.config.settings import Settings
+from pyloto_corp.records.redis.scripts import RECORD_MARKER
+from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import (
     SessionStore,
     revoke_user_sessions,
@@ -25,7 +27,6 @@ from pyloto_corp.session_store import (
     user_sessions,
 )
 from pyloto_corp.session_store.base import CREATED_AT
-from pyloto_corp.session_store.redis import RECORD_MARKER, RedisSessionInterface
 from tests.conftest import MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisServer
@@ -86,7 +87,7 @@ def test_a_revoke_ends_every_session_after_the_index_was_deleted(redis_store: Ha
     clients = [_login(app, "ana") for _ in range(3)]
     bob = _login(app, "bob")
     interface = _interface(app)
-    interface.client.delete(interface.index_key("ana"))
+    interface.records.client.delete(interface.records.index_key("ana"))
     with app.app_context():
         assert user_sessions("ana") == []
         revoke_user_sessions("ana")
@@ -115,7 +116,7 @@ def test_a_revoke_ends_sessions_in_other_processes_and_sessions_no_listing_finds
     # Stored by a release before this one: no USER_SINCE, not in any index.
     store_session(app, hidden, {CREATED_AT: int(time.time()) - 60, "_user_id": "ana"})
     if any_store.name == "firestore":
-        interface.client.collection("sessions").document(hidden).update({"user": None})
+        interface.records.client.collection("sessions").document(hidden).update({"user": None})
     with app.app_context():
         revoke_user_sessions("ana")
     other = _routes(any_store.make()) if any_store.name != "memory" else app
@@ -251,7 +252,7 @@ def test_a_logged_in_read_costs_one_round_trip_with_the_mark(
     sid = client.get_cookie("session")
     assert sid is not None
     other_app = _routes(make_app(**redis_env))
-    _interface(other_app).client.ping()  # its connection opened (and its handshake sent)
+    _interface(other_app).records.client.ping()  # its connection opened (and its handshake sent)
     other = other_app.test_client()
     other.set_cookie("session", sid.value)
     for expected_trips in (2, 1, 1):
@@ -266,7 +267,7 @@ def test_a_logged_in_read_on_a_cluster_sends_to_both_nodes_before_reading(
     harness = HARNESSES["redis_cluster"](make_app, request)
     app = _routes(harness.make())
     interface = _interface(app)
-    cluster = interface.client
+    cluster = interface.records.client
     nodes = set()
     for _ in range(20):  # logins until one session and the mark sit on different nodes
         client = _login(app, "ana")
@@ -274,7 +275,7 @@ def test_a_logged_in_read_on_a_cluster_sends_to_both_nodes_before_reading(
         assert sid is not None
         nodes = {
             cluster.get_node_from_key(interface.store_id(sid.value)).name,
-            cluster.get_node_from_key(interface.mark_key("ana")).name,
+            cluster.get_node_from_key(interface.records.mark_key("ana")).name,
         }
         if len(nodes) == 2:
             break
@@ -310,8 +311,8 @@ def test_listing_and_revoking_100k_sessions_stay_cheap(
     plus a generous wall-clock bound."""
     app = make_app(**redis_env, SESSION_MAX_PER_USER="0")
     interface = _interface(app)
-    assert isinstance(interface, RedisSessionInterface)
-    index = interface.index_key("bulk")
+    assert isinstance(interface.records, RedisRecords)
+    index = interface.records.index_key("bulk")
     keys = _populate(redis_client, index, 100_000, RECORD_MARKER + b"s" * 198)
     with app.app_context():
         cpu, wall = time.process_time(), time.perf_counter()
@@ -340,7 +341,7 @@ def test_listing_and_revoking_never_read_a_sessions_data(
     """300 sessions of 500 KB: the old listing pulled all 150 MB into the worker."""
     app = make_app(**redis_env)
     interface = _interface(app)
-    index = interface.index_key("heavy")
+    index = interface.records.index_key("heavy")
     _populate(redis_client, index, 300, RECORD_MARKER + b"x" * 500_000)
     with app.app_context():
         tracemalloc.start()
@@ -356,7 +357,7 @@ def test_listing_and_revoking_never_read_a_sessions_data(
 
 def test_sessions_beyond_the_cap_per_user_end_oldest_first(any_store: Harness) -> None:
     app = _routes(any_store.make())
-    _interface(app).max_per_user = 3
+    _interface(app).records.max_per_user = 3
     clients = [_login(app, "ana") for _ in range(5)]
     with app.app_context():
         listed = user_sessions("ana")
@@ -367,10 +368,10 @@ def test_sessions_beyond_the_cap_per_user_end_oldest_first(any_store: Harness) -
 def test_the_index_never_holds_more_than_the_cap(redis_store: Harness) -> None:
     app = _routes(redis_store.make())
     interface = _interface(app)
-    interface.max_per_user = 2
+    interface.records.max_per_user = 2
     for _ in range(4):
         _login(app, "ana")
-    assert interface.client.zcard(interface.index_key("ana")) == 2
+    assert interface.records.client.zcard(interface.records.index_key("ana")) == 2
 
 
 def test_the_revocation_mark_expires_after_the_absolute_lifetime(redis_store: Harness) -> None:
@@ -378,7 +379,7 @@ def test_the_revocation_mark_expires_after_the_absolute_lifetime(redis_store: Ha
     interface = _interface(app)
     with app.app_context():
         revoke_user_sessions("ana")
-    ttl = interface.client.ttl(interface.mark_key("ana"))
+    ttl = interface.records.client.ttl(interface.records.mark_key("ana"))
     absolute = interface.absolute_lifetime.total_seconds()
     assert absolute < ttl <= absolute + 86_400
 
@@ -419,7 +420,7 @@ def test_a_revoke_ends_every_session_after_redis_evicted_the_index(
     for client in clients:
         assert client.post("/pad").status_code == 200
     store = own_redis.client()
-    index = _interface(app).index_key("ana")
+    index = _interface(app).records.index_key("ana")
     store.set("filler", b"f" * 200_000)  # no expiry: never a candidate under volatile-lru
     time.sleep(2.1)  # Redis's LRU clock counts in seconds
     for client in clients:  # the sessions are used after the index was last written

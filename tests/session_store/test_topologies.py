@@ -200,7 +200,7 @@ def test_sentinel_ping_names_the_primary_but_readyz_does_not(
 ) -> None:
     host, port = sentinel_group.primary_address()
     app = _sentinel_app(make_app, sentinel_group)
-    facts = SessionStore.state(app).interface.ping()
+    facts = SessionStore.state(app).interface.records.ping()
     assert facts == {
         "topology": "sentinel",
         "primary": f"{host}:{port}",

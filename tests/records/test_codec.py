@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from markupsafe import Markup
 
 from pyloto_corp.errors import UnstorableValue
-from pyloto_corp.session_store import codec
-from pyloto_corp.session_store.codec import (
+from pyloto_corp.records import codec
+from pyloto_corp.records.codec import (
     MARKER,
     MAX_DEPTH,
     dumps,
