@@ -72,6 +72,7 @@ ACCESS_LOG = "_accesslog"
 STATE_ROUND_TRIPS = {
     "open, new entry": 2,
     "open, a key changed": 2,
+    "open, a key deleted": 2,
     "open, nothing changed": 1,
     "get": 1,
     "exists": 1,

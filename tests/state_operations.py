@@ -30,12 +30,20 @@ ID = "5511987654321"
 COUNTER = "n"
 
 
-def _set(key: str, value: object) -> Callable[[], None]:
-    def block() -> None:
-        with costs.open(ID) as state:
-            state[key] = value
+def _new_entry() -> None:
+    with costs.open(ID) as state:
+        state["step"] = "ask_cpf"
+        state["lang"] = "pt"
 
-    return block
+
+def _change_key() -> None:
+    with costs.open(ID) as state:
+        state["step"] = "ask_name"
+
+
+def _delete_key() -> None:
+    with costs.open(ID) as state:
+        del state["lang"]
 
 
 def _open_unchanged() -> None:
@@ -55,8 +63,9 @@ def _turn(change: bool) -> Callable[[], None]:
 def _operations() -> list[tuple[str, Callable[[], object]]]:
     """Each operation measured, in order, on one id (each finds what the previous ones left)."""
     return [
-        ("open, new entry", _set("step", "ask_cpf")),
-        ("open, a key changed", _set("step", "ask_name")),
+        ("open, new entry", _new_entry),
+        ("open, a key changed", _change_key),
+        ("open, a key deleted", _delete_key),
         ("open, nothing changed", _open_unchanged),
         ("get", lambda: costs.get(ID)),
         ("exists", lambda: costs.exists(ID)),

@@ -42,6 +42,7 @@ def test_round_trips_per_operation_on_redis(on_redis: tuple[Flask, list[redis.Re
     assert sent == {
         "open, new entry": {"getex": 1, "evalsha": 1},
         "open, a key changed": {"getex": 1, "evalsha": 1},
+        "open, a key deleted": {"getex": 1, "evalsha": 1},
         "open, nothing changed": {"getex": 1},
         "get": {"getex": 1},
         "exists": {"evalsha": 1},
@@ -52,6 +53,7 @@ def test_round_trips_per_operation_on_redis(on_redis: tuple[Flask, list[redis.Re
     assert total(sent) == {
         "open, new entry": 2,
         "open, a key changed": 2,
+        "open, a key deleted": 2,
         "open, nothing changed": 1,
         "get": 1,
         "exists": 1,
@@ -64,12 +66,14 @@ def test_round_trips_per_operation_on_redis(on_redis: tuple[Flask, list[redis.Re
 def test_document_operations_per_operation_on_firestore(
     make_app: MakeApp, request: pytest.FixtureRequest
 ) -> None:
-    """A load is one read; setting keys one write (Firestore merges the fields itself); a turn
-    reads and writes on condition twice (take the lease, save and release)."""
+    """A load is one read; setting keys one write (Firestore merges the fields itself);
+    deleting one reads again and writes on condition (it may empty the entry); a turn reads and
+    writes on condition twice (take the lease, save and release)."""
     app = HARNESSES["firestore"](make_app, request).make()
     assert firestore_operations(app) == {
         "open, new entry": {"get": 1, "create": 1},
         "open, a key changed": {"get": 1, "set": 1},
+        "open, a key deleted": {"get": 2, "update": 1},
         "open, nothing changed": {"get": 1},
         "get": {"get": 1},
         "exists": {"get": 1},
