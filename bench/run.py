@@ -6,9 +6,11 @@
 It starts a real redis-server and the Firestore emulator on loopback, serves each app with the
 repo's gunicorn.conf.py as on Cloud Run (K_SERVICE set: no access log; 2 workers x 4 threads,
 the defaults) and once more with the access log on, drives it with wrk, counts Redis commands with
-INFO commandstats, and prints one table. Deterministic targets (store operations per request, no
-google.cloud import) fail the run when missed; timing targets are reported, and enforced only
-in a full run.
+INFO commandstats, and prints one table. Then the keyed state's (pyloto_corp.state) costs: round
+trips and document operations per operation, and turns per second on one conversation from two
+processes. Deterministic targets (store operations per request and per operation, no
+google.cloud import, no lost turn) fail the run when missed; timing targets are reported, and
+enforced only in a full run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,7 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from flask import Flask
 
+from pyloto_corp import create_app
+from pyloto_corp.config.settings import Settings
+from tests import state_operations
 from tests.merge_app import REQUESTS, THREADS, concurrent_writers
 from tests.redis_commands import round_trips
 from tests.services import (
@@ -61,6 +68,24 @@ PIN_LOAD: list[str] = []
 READ = {"get": 1}  # one Firestore document read
 #: The suffix of a row served with the access log on (one line per request, to /dev/null here).
 ACCESS_LOG = "_accesslog"
+#: Round trips per keyed-state operation on Redis (tests/test_state_costs.py pins them too).
+STATE_ROUND_TRIPS = {
+    "open, new entry": 2,
+    "open, a key changed": 2,
+    "open, a key deleted": 2,
+    "open, nothing changed": 1,
+    "get": 1,
+    "exists": 1,
+    "turn, a key changed": 2,
+    "turn, nothing changed": 2,
+    "delete": 1,
+}
+#: Document operations per keyed-state load and save on Firestore.
+STATE_DOCUMENTS = {
+    "get": READ,
+    "open, a key changed": {**READ, "set": 1},
+    "open, nothing changed": READ,
+}
 
 
 @dataclass
@@ -375,6 +400,80 @@ print(json.dumps(out))
     return operations
 
 
+def quiet_app(env: dict[str, str]) -> Flask:
+    """Our app in this process, for the keyed-state measures; its start-up advice (the default
+    key prefix on Cloud Run) is not logged, as the served apps' logs are not shown either."""
+    logging.disable(logging.WARNING)
+    try:
+        return create_app(Settings.from_env(env))
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def state_round_trips(app: Flask, stores: list[redis.Redis]) -> dict[str, int]:
+    """Redis round trips per keyed-state operation, summed over the nodes."""
+    return state_operations.total(state_operations.redis_round_trips(app, stores))
+
+
+def state_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Firestore document operations per keyed-state operation, in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.state_operations", "firestore"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    operations: dict[str, dict[str, int]] = json.loads(result.stdout)
+    return operations
+
+
+def turns_on_one_conversation(
+    env: dict[str, str], app: Flask, seconds: float
+) -> tuple[list[dict[str, int]], object]:
+    """Two processes (two instances' workers: separate pools) each taking turn()s that
+    increment one counter of one conversation, for ``seconds`` from the same moment: what each
+    did, and the counter as stored at the end (read through ``app``, on the same store)."""
+    conversation = f"bench-{secrets.token_hex(8)}"
+    command = [sys.executable, "-m", "tests.state_operations", "turns", conversation, str(seconds)]
+    processes = [
+        subprocess.Popen(  # noqa: S603 - fixed arguments
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:  # both connected before either starts
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a turn-taking process failed: {process.communicate()[1]}")
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        done = []
+        for process in processes:
+            output, errors = process.communicate(timeout=seconds + 60)
+            if process.returncode != 0:
+                raise RuntimeError(f"a turn-taking process failed: {errors}")
+            done.append(json.loads(output))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    with app.app_context():
+        stored = state_operations.costs.get(conversation)
+    return done, (stored or {}).get(state_operations.COUNTER)
+
+
 def in_process(app_name: str, env: dict[str, str], count: int) -> float:
     """Median microseconds per read-only request through Flask's test client (one process)."""
     code = f"""
@@ -481,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
             lost = lost_updates(
                 {name: env(name) for name in ("ours_redis", "ours_firestore", "flask_session")}
             )
+            state_app = quiet_app(env("ours_redis"))
+            state_trips = state_round_trips(state_app, [store])
+            state_cluster_trips = state_round_trips(quiet_app(env("ours_cluster")), nodes)
+            state_docs = state_documents(env("ours_firestore"))
+            turns, counter = turns_on_one_conversation(env("ours_redis"), state_app, seconds)
             (ours_cold, google), (base_cold, _), (environs_cold, _) = cold_start(
                 runs,
                 (env("ours_redis"), "wsgi"),
@@ -564,6 +668,20 @@ def main(argv: list[str] | None = None) -> int:
         f"Firestore, {seconds} s of back-to-back reads of one session, refresh interval 1 s: "
         f"{sustained['requests']} requests, {reads} document reads, {writes} expiry writes"
     )
+    print(f"Keyed state, Redis round trips per operation: {json.dumps(state_trips)}")
+    print(
+        "Keyed state, Redis Cluster (3 primaries) round trips per operation, summed over the "
+        f"nodes: {json.dumps(state_cluster_trips)}"
+    )
+    print(f"Keyed state, Firestore document operations per operation: {json.dumps(state_docs)}")
+    turns_done = sum(process["turns"] for process in turns)
+    print(
+        f"Keyed state, turns per second on one conversation (2 processes x turn() incrementing "
+        f"one counter, redis-server, {seconds} s): {turns_done / seconds:,.0f} turns/s ("
+        + " + ".join(str(process["turns"]) for process in turns)
+        + f" turns, {sum(process['busy'] for process in turns)} StateBusy); final counter "
+        f"{counter}, turns done {turns_done}"
+    )
     print(
         f"Cold start `import wsgi` (redis): {ours_cold * 1000:.0f} ms; minimal Flask + "
         f"Flask-Session: {base_cold * 1000:.0f} ms; the minimal app + `import environs` alone: "
@@ -598,6 +716,25 @@ def main(argv: list[str] | None = None) -> int:
         f"Firestore expiry written {writes} times over {sustained['requests']} reads in "
         f"{sustained['elapsed_ms'] / 1000:.1f} s since the change (at most once per 1 s "
         "refresh interval)",
+    )
+    target(
+        state_trips == STATE_ROUND_TRIPS,
+        "Keyed state on Redis: get 1, exists 1, delete 1; open() 1 to load + 1 to save a change "
+        "(1 when nothing changed); turn() 2 (<= 3), changed or not",
+    )
+    target(
+        state_cluster_trips == STATE_ROUND_TRIPS,
+        "Keyed state on Redis Cluster: the same, summed over the primaries",
+    )
+    target(
+        {label: state_docs[label] for label in STATE_DOCUMENTS} == STATE_DOCUMENTS,
+        "Keyed state on Firestore: 1 read per load; 1 read + 1 write per open() setting a key; "
+        "1 read for an open() that changes nothing",
+    )
+    target(
+        counter == turns_done > 0,
+        f"Keyed state, two processes taking turns on one conversation: final counter {counter} "
+        f"= {turns_done} turns done (0 lost)",
     )
     target(not google, "redis backend imports no google.cloud module")
     target(
