@@ -39,7 +39,7 @@ from flask import current_app, has_app_context
 
 from .errors import LeaseLost, SessionStoreUnavailable, StateBusy, UnstorableValue
 from .records import codec
-from .records.base import Entry, Held, RecordStore
+from .records.base import Entry, Held, Lease, RecordStore
 from .session_store.base import StoreInterface
 from .session_store.extension import EXTENSION_KEY
 
@@ -258,32 +258,7 @@ class KeyedState:
     # -- the parts ---------------------------------------------------------------------------------
 
     def _bind(self, id: str) -> _Bound:
-        _check_id(id)
-        if not has_app_context():
-            raise RuntimeError(
-                f"KeyedState({self.namespace!r}) is used outside an app context: use it in a "
-                "request, a CLI command, or inside `with app.app_context():` in a worker."
-            )
-        registration = current_app.extensions.get(EXTENSION_KEY)
-        if registration is None:
-            raise RuntimeError(
-                f"KeyedState({self.namespace!r}) needs SessionStore registered on this app "
-                "(SessionStore(app) or SessionStore().init_app(app)): it keeps its entries in "
-                "the app's session store."
-            )
-        interface: StoreInterface = registration.interface
-        secrets = [current_app.config.get("SECRET_KEY")]
-        secrets += current_app.config.get("SECRET_KEY_FALLBACKS") or []
-        keys = tuple(
-            dict.fromkeys(
-                store_key(interface.key_prefix, secret, self.namespace, id)
-                for secret in secrets
-                if secret
-            )
-        )
-        if not keys:
-            raise RuntimeError("KeyedState needs SECRET_KEY: its store keys are derived from it.")
-        return _Bound(interface.records, interface, keys)
+        return bind(f"KeyedState({self.namespace!r})", self.namespace, id)
 
     def _load(self, bound: _Bound) -> tuple[Entry | None, str | None]:
         """The entry (sliding its expiry), under the current key or else under a fallback's;
@@ -310,8 +285,9 @@ class KeyedState:
         while True:
             with bound.interface.breaker.guard():
                 taken = bound.store.acquire(bound.keys[0], lease, self.lifetime)
-            if not isinstance(taken, Held):
+            if isinstance(taken, Lease):
                 return taken.token, taken.entry
+            assert isinstance(taken, Held)  # no ``done`` key asked for
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StateBusy(
@@ -351,10 +327,43 @@ def _changes(state: State, loaded: Mapping[str, bytes]) -> tuple[dict[str, bytes
     return changed, deleted
 
 
-def store_key(prefix: str, secret: str | bytes, namespace: str, id: str) -> str:
-    """``<SESSION_KEY_PREFIX>state:`` and an HMAC-SHA256 of the namespace and the id, keyed by
+def bind(user: str, namespace: str, id: str, *, kind: str = "state") -> _Bound:
+    """The current app's record store, its breaker, and the store keys of ``id`` in
+    ``namespace`` (under SECRET_KEY, then each of SECRET_KEY_FALLBACKS). ``user`` names the
+    caller in the errors (``KeyedState('conversations')``)."""
+    _check_id(id)
+    if not has_app_context():
+        raise RuntimeError(
+            f"{user} is used outside an app context: use it in a request, a CLI command, or "
+            "inside `with app.app_context():` in a worker."
+        )
+    registration = current_app.extensions.get(EXTENSION_KEY)
+    if registration is None:
+        raise RuntimeError(
+            f"{user} needs SessionStore registered on this app (SessionStore(app) or "
+            "SessionStore().init_app(app)): it keeps its entries in the app's session store."
+        )
+    interface: StoreInterface = registration.interface
+    secrets = [current_app.config.get("SECRET_KEY")]
+    secrets += current_app.config.get("SECRET_KEY_FALLBACKS") or []
+    keys = tuple(
+        dict.fromkeys(
+            store_key(interface.key_prefix, secret, namespace, id, kind=kind)
+            for secret in secrets
+            if secret
+        )
+    )
+    if not keys:
+        raise RuntimeError(f"{user} needs SECRET_KEY: its store keys are derived from it.")
+    return _Bound(interface.records, interface, keys)
+
+
+def store_key(
+    prefix: str, secret: str | bytes, namespace: str, id: str, *, kind: str = "state"
+) -> str:
+    """``<SESSION_KEY_PREFIX><kind>:`` and an HMAC-SHA256 of the namespace and the id, keyed by
     a key derived from ``secret`` (so the keys say nothing of SECRET_KEY either)."""
     raw = secret.encode("utf-8") if isinstance(secret, str) else secret
     derived = hmac.new(raw, KEY_CONTEXT, hashlib.sha256).digest()
     message = namespace.encode("utf-8") + b"\x00" + id.encode("utf-8", "surrogatepass")
-    return f"{prefix}state:{hmac.new(derived, message, hashlib.sha256).hexdigest()}"
+    return f"{prefix}{kind}:{hmac.new(derived, message, hashlib.sha256).hexdigest()}"

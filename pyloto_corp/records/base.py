@@ -300,6 +300,14 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Done:
+    """No lease taken: the entry holds the ``done`` key :meth:`RecordStore.acquire` was given
+    (a completed idempotency record), as it stands."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True)
 class Held:
     """The lease is someone else's for this long still (seconds)."""
 
@@ -477,10 +485,13 @@ class RecordStore(ABC):
         it, rather than merging into what expired)."""
 
     @abstractmethod
-    def acquire(self, key: str, lease: timedelta, lifetime: timedelta) -> Lease | Held:
+    def acquire(
+        self, key: str, lease: timedelta, lifetime: timedelta, *, done: str | None = None
+    ) -> Lease | Held | Done:
         """Take the entry's lease for ``lease`` and load it, in one step, unless another
-        holder's lease is still running (:class:`Held`). A lease that ran out is taken over:
-        the entry gets a new fencing token, so the late holder's :meth:`save` is refused."""
+        holder's lease is still running (:class:`Held`), or the entry holds the key ``done``
+        (:class:`Done`, nothing written). A lease that ran out is taken over: the entry gets a
+        new fencing token, so the late holder's :meth:`save` is refused."""
 
     @abstractmethod
     def save(

@@ -68,6 +68,7 @@ from .base import (
     CREATED_AT,
     USER_SINCE,
     Changes,
+    Done,
     Entry,
     Held,
     Lease,
@@ -769,12 +770,17 @@ class FirestoreRecords(RecordStore):
 
         self._rewrite(key, merged, lifetime)
 
-    def acquire(self, key: str, lease: timedelta, lifetime: timedelta) -> Lease | Held:
+    def acquire(
+        self, key: str, lease: timedelta, lifetime: timedelta, *, done: str | None = None
+    ) -> Lease | Held | Done:
         token = new_token()
-        outcome: list[Lease | Held] = []
+        outcome: list[Lease | Held | Done] = []
 
         def take(entry: Entry | None) -> Entry | Held | None:
             wall = real_time()
+            if entry is not None and done is not None and done in entry.fields:
+                outcome.append(Done(entry))
+                return Held(0)  # nothing to write
             if entry is not None and entry.lease_until > wall:
                 held = Held(entry.lease_until - wall)
                 outcome.append(held)

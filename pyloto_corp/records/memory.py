@@ -23,6 +23,7 @@ from . import codec
 from .base import (
     RETIRED_LINGER,
     Changes,
+    Done,
     Entry,
     Held,
     Lease,
@@ -310,10 +311,14 @@ class MemoryRecords(RecordStore):
             entry = self._merged(self._live_entry(key, now), changed, deleted)
             self._put(key, entry, lifetime, now)
 
-    def acquire(self, key: str, lease: timedelta, lifetime: timedelta) -> Lease | Held:
+    def acquire(
+        self, key: str, lease: timedelta, lifetime: timedelta, *, done: str | None = None
+    ) -> Lease | Held | Done:
         now, wall = time.monotonic(), time.time()
         with self._lock:
             entry = self._live_entry(key, now)
+            if entry is not None and done is not None and done in entry.fields:
+                return Done(entry)
             if entry is not None and entry.lease_until > wall:
                 return Held(entry.lease_until - wall)
             base = entry or Entry()

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from pyloto_corp.errors import SessionTooLarge
-from pyloto_corp.records.base import Held, Lease
+from pyloto_corp.records.base import Done, Held, Lease
 from tests.records.conftest import Stored
 
 LIFETIME = timedelta(minutes=10)
@@ -158,3 +158,24 @@ def test_a_save_over_the_size_limit_is_refused_and_keeps_the_lease(stored: Store
         store.save("k", taken.token, {"big": b"x" * store.max_bytes}, (), LIFETIME)
     assert store.release("k", taken.token, LIFETIME) is True
     assert not store.exists("k")
+
+
+def test_an_entry_holding_the_done_key_is_returned_and_not_leased(stored: Stored) -> None:
+    store = stored.store
+    taken = store.acquire("claim", LEASE, LIFETIME, done="result")
+    assert isinstance(taken, Lease)
+    assert taken.entry is None
+    assert store.save("claim", taken.token, {"result": b"42"}, (), LIFETIME) is True
+    again = store.acquire("claim", LEASE, LIFETIME, done="result")
+    assert isinstance(again, Done)
+    assert again.entry.fields == {"result": b"42"}
+    # Nothing was taken: another caller (not asking for ``done``) gets the lease at once.
+    assert isinstance(store.acquire("claim", LEASE, LIFETIME), Lease)
+
+
+def test_the_done_key_wins_over_a_running_lease(stored: Stored) -> None:
+    store = stored.store
+    store.merge("claim", {"result": b"1"}, (), LIFETIME)
+    assert isinstance(store.acquire("claim", LEASE, LIFETIME), Lease)
+    assert isinstance(store.acquire("claim", LEASE, LIFETIME, done="result"), Done)
+    assert isinstance(store.acquire("claim", LEASE, LIFETIME, done="other"), Held)

@@ -234,9 +234,10 @@ return 'ok'
 """
 )
 
-#: KEYS[1] the record; ARGV: now (ms), lease (ms), lifetime (ms), the new fencing token.
-#: Returns {'held', ms left} while another lease runs; else takes the lease and returns
-#: {'ok', the record as it was (false when absent)}.
+#: KEYS[1] the record; ARGV: now (ms), lease (ms), lifetime (ms), the new fencing token, the
+#: ``done`` key (or ''). Returns {'done', the record} when it holds that key (nothing written);
+#: {'held', ms left} while another lease runs; else takes the lease and returns {'ok', the
+#: record as it was (false when absent)}.
 ACQUIRE_SCRIPT = (
     "#!lua\n"
     + _LUA_RECORD
@@ -244,6 +245,7 @@ ACQUIRE_SCRIPT = (
 local before = stored(KEYS[1])
 local values, order, fence, until_ms = parse(before)
 if values == nil then return {'format', 0} end
+if ARGV[5] ~= '' and values[ARGV[5]] ~= nil then return {'done', before} end
 local now = tonumber(ARGV[1])
 if until_ms > now then return {'held', math.ceil(until_ms - now)} end
 local data = pack(values, order, ARGV[4], now + tonumber(ARGV[2]))

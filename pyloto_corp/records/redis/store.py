@@ -29,6 +29,7 @@ from ...errors import SessionStoreNotAnswering, SessionStoreUnavailable
 from ..base import (
     RETIRED_LINGER,
     Changes,
+    Done,
     Entry,
     Held,
     Lease,
@@ -450,15 +451,20 @@ class RedisRecords(RecordStore):
         args = [_now_ms(), _ms(lifetime), self.max_bytes, *_changes(changed, deleted)]
         self._checked(self._script(MERGE_SCRIPT, key, *args))
 
-    def acquire(self, key: str, lease: timedelta, lifetime: timedelta) -> Lease | Held:
+    def acquire(
+        self, key: str, lease: timedelta, lifetime: timedelta, *, done: str | None = None
+    ) -> Lease | Held | Done:
         token = new_token()
-        args = (_now_ms(), _ms(lease), _ms(lifetime), token)
+        args = (_now_ms(), _ms(lease), _ms(lifetime), token, (done or "").encode())
         status, detail = self._script(ACQUIRE_SCRIPT, key, *args)
         if status == b"held":
             return Held(int(detail) / 1000)
         if status == b"format":
             raise _not_ours()
-        return Lease(token, self._entry(detail))
+        entry = self._entry(detail)
+        if status == b"done" and entry is not None:
+            return Done(entry)
+        return Lease(token, entry)
 
     def save(
         self,
