@@ -50,6 +50,8 @@ MAX_ID_LENGTH = 1024
 MAX_NAMESPACE_LENGTH = 100
 #: What the store keys are derived with: a change of it would orphan every entry.
 KEY_CONTEXT = b"pyloto_corp.state/v1"
+#: A turn's lease unless given (or the namespace's lifetime, if shorter).
+DEFAULT_LEASE = timedelta(seconds=60)
 #: Backoff while waiting for a turn: from this, doubling, to at most the second (with jitter).
 WAIT_FIRST, WAIT_MAX = 0.02, 1.0
 
@@ -165,7 +167,7 @@ class KeyedState:
     def get(self, id: str) -> dict[str, Any] | None:
         """The entry's values, or None when there is none (one round trip; slides the expiry)."""
         bound = self._bind(id)
-        entry, _ = self._load(bound)
+        entry = self._load(bound)
         return None if entry is None else self._decode(entry.fields)
 
     def exists(self, id: str) -> bool:
@@ -178,7 +180,7 @@ class KeyedState:
         """Remove the entry now (a user asks to be forgotten); whether there was one."""
         bound = self._bind(id)
         with bound.interface.breaker.guard():
-            found = [bound.store.delete(key) for key in bound.keys]
+            found = [bound.store.delete_entry(key) for key in bound.keys]
         return any(found)
 
     @contextmanager
@@ -187,34 +189,42 @@ class KeyedState:
         it changed are merged into the entry as stored then; an emptied entry is deleted; an
         exception leaving the block saves nothing."""
         bound = self._bind(id)
-        entry, moved_from = self._load(bound)
+        entry = self._load(bound)
         loaded = entry.fields if entry is not None else {}
         state = State(self.namespace, self._decode(loaded))
         yield state
-        changed, deleted = _changes(state, {} if moved_from else loaded)
-        with bound.interface.breaker.guard(admit=False):
-            if changed or deleted:
+        changed, deleted = _changes(state, loaded)
+        if changed or deleted:
+            with bound.interface.breaker.guard(admit=False):
                 bound.store.merge(
-                    bound.keys[0], changed, deleted, self.lifetime, fresh=entry is None
+                    bound.keys[0],
+                    changed,
+                    deleted,
+                    self.lifetime,
+                    loaded=None if entry is None else loaded,
                 )
-            if moved_from:
-                bound.store.delete(moved_from)
 
     @contextmanager
     def turn(
         self,
         id: str,
         *,
-        lease: timedelta = timedelta(seconds=60),
+        lease: timedelta | None = None,
         wait: timedelta = timedelta(seconds=10),
     ) -> Iterator[State]:
-        """Like :meth:`open`, one holder at a time per id across processes: the lease is taken
-        with the load, in one round trip. While another holder has it, wait up to ``wait``,
-        then raise :class:`~pyloto_corp.errors.StateBusy`. Leaving the block saves the changes
-        and releases the lease in one round trip (an exception: releases only); if the lease
-        ran out and another caller took the turn, nothing is written and
+        """Like :meth:`open`, one holder at a time per id across processes: the lease (60 s, or
+        the lifetime if shorter; never longer than it) is taken with the load, in one round
+        trip. While another holder has it, wait up to ``wait``, then raise
+        :class:`~pyloto_corp.errors.StateBusy`. Leaving the block saves the changes and
+        releases the lease in one round trip (an exception: releases only); if the lease ran
+        out and another caller took the turn, nothing is written and
         :class:`~pyloto_corp.errors.LeaseLost` is raised."""
-        lease = _duration("lease", lease)
+        lease = min(DEFAULT_LEASE, self.lifetime) if lease is None else _duration("lease", lease)
+        if lease > self.lifetime:
+            raise ValueError(
+                f"lease must not be longer than the lifetime of {self.namespace!r} "
+                f"({self.lifetime.total_seconds():g} s): the entry would expire under its holder"
+            )
         wait = _duration("wait", wait, zero=True)
         bound = self._bind(id)
         held = _held_turns.get()
@@ -226,14 +236,14 @@ class KeyedState:
         token, entry = self._acquire(bound, lease, wait)
         reset = _held_turns.set(held | {bound.keys[0]})
         try:
-            moved_from = None
-            if entry is None and len(bound.keys) > 1:
-                entry, moved_from = self._load_fallback(bound)
-            loaded = entry.fields if entry is not None else {}
-            state = State(self.namespace, self._decode(loaded))
             try:
+                if entry is None and len(bound.keys) > 1:
+                    with bound.interface.breaker.guard(admit=False):
+                        entry = self._move(bound)
+                loaded = entry.fields if entry is not None else {}
+                state = State(self.namespace, self._decode(loaded))
                 yield state
-                changed, deleted = _changes(state, {} if moved_from else loaded)
+                changed, deleted = _changes(state, loaded)
                 with bound.interface.breaker.guard(admit=False):
                     saved = bound.store.save(bound.keys[0], token, changed, deleted, self.lifetime)
             except BaseException:
@@ -243,9 +253,6 @@ class KeyedState:
                 with contextlib.suppress(SessionStoreUnavailable):
                     bound.store.release(bound.keys[0], token, self.lifetime)
                 raise
-            if saved and moved_from:
-                with bound.interface.breaker.guard(admit=False):
-                    bound.store.delete(moved_from)
             if not saved:
                 raise LeaseLost(
                     f"the turn() lease in {self.namespace!r} ran out ({lease.total_seconds():g} "
@@ -260,21 +267,26 @@ class KeyedState:
     def _bind(self, id: str) -> _Bound:
         return bind(f"KeyedState({self.namespace!r})", self.namespace, id)
 
-    def _load(self, bound: _Bound) -> tuple[Entry | None, str | None]:
-        """The entry (sliding its expiry), under the current key or else under a fallback's;
-        with the fallback key it was found under (to move it from on the next write)."""
+    def _load(self, bound: _Bound) -> Entry | None:
+        """The entry (sliding its expiry): under the current key, or else moved there from a
+        fallback key's (a rotated SECRET_KEY)."""
         with bound.interface.breaker.guard():
             entry = bound.store.load(bound.keys[0], self.lifetime)
             if entry is not None or len(bound.keys) == 1:
-                return entry, None
-            return self._load_fallback(bound)
+                return entry
+            return self._move(bound)
 
-    def _load_fallback(self, bound: _Bound) -> tuple[Entry | None, str | None]:
-        for key in bound.keys[1:]:
-            entry = bound.store.load(key, self.lifetime)
+    def _move(self, bound: _Bound) -> Entry | None:
+        """An entry found under a fallback key, moved under the current one before any change:
+        its keys fill what the current key lacks (a writer that got there first keeps its
+        values), then the old key is deleted. A few round trips, once per entry."""
+        for old in bound.keys[1:]:
+            entry = bound.store.load(old, self.lifetime)
             if entry is not None:
-                return entry, key
-        return None, None
+                bound.store.fill(bound.keys[0], entry.fields, self.lifetime)
+                bound.store.delete_entry(old)
+                return bound.store.load(bound.keys[0], self.lifetime)
+        return None
 
     def _acquire(
         self, bound: _Bound, lease: timedelta, wait: timedelta

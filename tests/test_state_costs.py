@@ -79,7 +79,7 @@ def test_document_operations_per_operation_on_firestore(
         "exists": {"get": 1},
         "turn, a key changed": {"get": 2, "update": 2},
         "turn, nothing changed": {"get": 2, "update": 2},
-        "delete": {"delete": 1},
+        "delete": {"get": 1, "delete": 1},
     }
 
 

@@ -53,10 +53,12 @@ RETIRED_LINGER = timedelta(minutes=2)
 CREATION_TIME_RANGE = MAX_LIFETIME.total_seconds()
 #: Bytes of framing a stored record takes besides its keys and values: a 2-byte marker, and two
 #: 4-byte lengths per key (Redis's layout; every backend counts the same, so one limit means the
-#: same everywhere). A keyed-state record adds its lease: 4 bytes, the token, 8 bytes.
+#: same everywhere). A keyed-state entry adds its lease (a token's length, the token, the time
+#: it runs out), counted whether a lease is held or not: the same keys take the same size.
 RECORD_OVERHEAD = 2
 FIELD_OVERHEAD = 8
-LEASE_OVERHEAD = 12
+TOKEN_LENGTH = 32
+LEASE_OVERHEAD = 4 + TOKEN_LENGTH + 8
 
 
 class StoreOptions(ABC):
@@ -265,9 +267,9 @@ def too_large(size: int, limit: int, backend: str) -> SessionTooLarge:
     )
 
 
-def entry_size(fields: Mapping[str, bytes], fence: str) -> int:
+def entry_size(fields: Mapping[str, bytes]) -> int:
     """Bytes a keyed-state entry takes stored: a record's, and its lease."""
-    return record_size(fields) + LEASE_OVERHEAD + len(fence)
+    return record_size(fields) + LEASE_OVERHEAD
 
 
 #: The fencing token of a record that was never leased.
@@ -277,7 +279,7 @@ NO_FENCE = ""
 def new_token() -> str:
     """A lease's fencing token: random, so a record deleted and leased again never hands out a
     token a late holder still has (a counter would restart)."""
-    return secrets.token_hex(16)
+    return secrets.token_hex(TOKEN_LENGTH // 2)
 
 
 @dataclass(frozen=True)
@@ -463,11 +465,12 @@ class RecordStore(ABC):
 
     @abstractmethod
     def load(self, key: str, lifetime: timedelta) -> Entry | None:
-        """The entry, its expiry slid by ``lifetime``; None when absent or expired."""
+        """The entry, its expiry slid by ``lifetime``; None when absent, expired, or holding no
+        key (only a lease)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
-        """Whether a live entry is stored (expiry untouched)."""
+        """Whether a live entry holding a key is stored (expiry untouched)."""
 
     @abstractmethod
     def merge(
@@ -477,12 +480,22 @@ class RecordStore(ABC):
         deleted: Collection[str],
         lifetime: timedelta,
         *,
-        fresh: bool = False,
+        loaded: Mapping[str, bytes] | None = None,
     ) -> None:
         """Apply the changed and deleted keys to the entry as stored now (creating it if
-        absent); an entry left with no key and no running lease is deleted. ``fresh``: the
-        caller loaded no entry (a store that keeps expired records until a sweep then creates
-        it, rather than merging into what expired)."""
+        absent); an entry left with no key and no running lease is deleted. ``loaded``: the
+        keys the caller loaded (None: it found no entry), for a store that cannot check the
+        merged size, or tell a live entry from an expired one, without reading it again."""
+
+    @abstractmethod
+    def fill(self, key: str, fields: Mapping[str, bytes], lifetime: timedelta) -> None:
+        """Set each of ``fields`` the entry does not hold yet (creating it if absent), keeping
+        the keys it holds and its lease: an entry moved from another key (a rotated secret's)
+        never overwrites what a concurrent writer already put under the new key."""
+
+    def delete_entry(self, key: str) -> bool:
+        """Delete the entry; whether a live one was there (an expired one is not)."""
+        return self.delete(key)
 
     @abstractmethod
     def acquire(

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import random
 import re
 import sys
 import time
@@ -702,32 +703,48 @@ class FirestoreRecords(RecordStore):
         fields = {key_of_field(name): raw for name, raw in stored.items()}
         return Entry(fields, fence, float(until))
 
-    def _check(self, fields: Mapping[str, bytes], fence: str = "") -> None:
+    def _check(self, fields: Mapping[str, bytes]) -> None:
         for key in fields:
             check_key_length(key)
-        self.check_size(entry_size(fields, fence))
+        self.check_size(entry_size(fields))
 
     def load(self, key: str, lifetime: timedelta) -> Entry | None:
         reference = self._document(key)
         snapshot = self._answer(reference.get)
         at = _now()
         entry = self._entry(snapshot, at)
-        if entry is not None:
-            expires_at = (snapshot.to_dict() or {})[EXPIRES_AT]
-            # At most a tenth of a short lifetime stale, so an entry only read never lapses.
-            if at + lifetime - expires_at >= min(self.refresh_interval, lifetime / 10):
-                slid = {EXPIRES_AT: at + lifetime, UPDATED_AT: at}
-                option = self.client.write_option(last_update_time=snapshot.update_time)
-                # Written (or deleted) meanwhile: that write set its own expiry.
-                with contextlib.suppress(
-                    google_exceptions.FailedPrecondition, google_exceptions.NotFound
-                ):
-                    self._answer(reference.update, slid, option=option)
+        if entry is None or not entry.fields:
+            return None
+        expires_at = (snapshot.to_dict() or {})[EXPIRES_AT]
+        # At most a tenth of a short lifetime stale, so an entry only read never lapses.
+        if at + lifetime - expires_at >= min(self.refresh_interval, lifetime / 10):
+            slid = {EXPIRES_AT: at + lifetime, UPDATED_AT: at}
+            option = self.client.write_option(last_update_time=snapshot.update_time)
+            # Written (or deleted) meanwhile: that write set its own expiry.
+            with contextlib.suppress(
+                google_exceptions.FailedPrecondition, google_exceptions.NotFound
+            ):
+                self._answer(reference.update, slid, option=option)
         return entry
 
     def exists(self, key: str) -> bool:
-        snapshot = self._answer(self._document(key).get, field_paths=[EXPIRES_AT])
-        expires_at = (snapshot.to_dict() or {}).get(EXPIRES_AT) if snapshot.exists else None
+        entry = self._entry(self._answer(self._document(key).get), _now())
+        return entry is not None and bool(entry.fields)
+
+    def delete_entry(self, key: str) -> bool:
+        """Only a live entry counts: one that expired and waits for its sweep is deleted, and
+        answers False, as on Redis."""
+        reference = self._document(key)
+        snapshot = self._answer(reference.get, field_paths=[EXPIRES_AT])
+        if not snapshot.exists:
+            return False
+        option = self.client.write_option(last_update_time=snapshot.update_time)
+        try:
+            self._answer(reference.delete, option=option)
+        except (google_exceptions.FailedPrecondition, google_exceptions.NotFound):
+            # Written meanwhile (so live), or deleted meanwhile: delete what is there now.
+            return self.delete(key)
+        expires_at = (snapshot.to_dict() or {}).get(EXPIRES_AT)
         return isinstance(expires_at, datetime) and expires_at > _now()
 
     def merge(
@@ -737,19 +754,19 @@ class FirestoreRecords(RecordStore):
         deleted: Collection[str],
         lifetime: timedelta,
         *,
-        fresh: bool = False,
+        loaded: Mapping[str, bytes] | None = None,
     ) -> None:
         if not deleted:
-            # Keys only set: one write, and the record cannot end up empty. A fresh record is
+            # Keys only set: one write, and the entry cannot end up empty. A new entry is
             # created (a document that expired and still waits for its sweep, or one created
             # meanwhile, makes that fail: then merged below); a live one is merged field by
-            # field by Firestore itself. The size is checked on what this write knows (the
-            # merged document stays under Firestore's own 1 MiB limit, which refuses the rest).
-            self._check(changed)
+            # field by Firestore itself. The size is checked on the entry as the caller loaded
+            # it with these changes (a concurrent writer's keys are counted by the next write).
+            self._check({**(loaded or {}), **changed})
             at = _now()
             data: dict[str, Any] = {FIELDS: {field_name(k): raw for k, raw in changed.items()}}
             data |= {EXPIRES_AT: at + lifetime, UPDATED_AT: at}
-            if not fresh:
+            if loaded is not None:
                 self._answer(self._document(key).set, data, merge=True)
                 return
             try:
@@ -757,18 +774,10 @@ class FirestoreRecords(RecordStore):
                 return
             except google_exceptions.AlreadyExists:
                 pass
+        self._rewrite(key, _merging(self, changed, deleted, fill=False), lambda _: lifetime)
 
-        def merged(entry: Entry | None) -> Entry | None:
-            base = entry or Entry()
-            fields = {**base.fields, **changed}
-            for name in deleted:
-                fields.pop(name, None)
-            self._check(fields, base.fence)
-            if not fields and base.lease_until <= real_time():
-                return None
-            return Entry(fields, base.fence, base.lease_until)
-
-        self._rewrite(key, merged, lifetime)
+    def fill(self, key: str, fields: Mapping[str, bytes], lifetime: timedelta) -> None:
+        self._rewrite(key, _merging(self, fields, (), fill=True), lambda _: lifetime)
 
     def acquire(
         self, key: str, lease: timedelta, lifetime: timedelta, *, done: str | None = None
@@ -786,10 +795,10 @@ class FirestoreRecords(RecordStore):
                 outcome.append(held)
                 return held
             base = entry or Entry()
-            outcome.append(Lease(token, entry))
+            outcome.append(Lease(token, entry if entry is not None and entry.fields else None))
             return Entry(base.fields, token, wall + lease.total_seconds())
 
-        self._rewrite(key, take, max(lifetime, lease))
+        self._rewrite(key, take, lambda _: max(lifetime, lease))
         return outcome[-1]
 
     def save(
@@ -809,21 +818,26 @@ class FirestoreRecords(RecordStore):
             fields = {**entry.fields, **changed}
             for name in deleted:
                 fields.pop(name, None)
-            self._check(fields, entry.fence)
+            if changed:
+                self._check(fields)
             saved.append(True)
             return Entry(fields, entry.fence, 0.0) if fields else None
 
-        self._rewrite(key, apply, lifetime)
+        self._rewrite(key, apply, lambda _: lifetime)
         return saved[-1]
 
     def _rewrite(
-        self, key: str, change: Callable[[Entry | None], Entry | Held | None], lifetime: timedelta
+        self,
+        key: str,
+        change: Callable[[Entry | None], Entry | Held | None],
+        lifetime: Callable[[Entry], timedelta],
     ) -> None:
-        """Read the record, write what ``change`` makes of it (None: delete it; Held: write
-        nothing) on condition that nobody wrote it since; read again when somebody did, within
-        the store's timeout."""
+        """Read the entry, write what ``change`` makes of it (None: delete it; Held: write
+        nothing; kept for ``lifetime(entry)``) on condition that nobody wrote it since; read
+        again, after a short pause, when somebody did, within the store's timeout."""
         reference = self._document(key)
         deadline = real_monotonic() + self.timeout
+        pause = 0.01
         while True:
             snapshot = self._answer(reference.get)
             at = _now()
@@ -833,13 +847,14 @@ class FirestoreRecords(RecordStore):
             try:
                 if not snapshot.exists:
                     if result is not None:
-                        self._answer(reference.create, self._document_data(result, at, lifetime))
+                        data = self._document_data(result, at, lifetime(result))
+                        self._answer(reference.create, data)
                     return
                 option = self.client.write_option(last_update_time=snapshot.update_time)
                 if result is None:
                     self._answer(reference.delete, option=option)
                 else:
-                    data = self._document_data(result, at, lifetime)
+                    data = self._document_data(result, at, lifetime(result))
                     self._answer(reference.update, data, option=option)
                 return
             except (
@@ -847,11 +862,15 @@ class FirestoreRecords(RecordStore):
                 google_exceptions.FailedPrecondition,
                 google_exceptions.NotFound,
             ):
-                if real_monotonic() >= deadline:
-                    raise SessionStoreNotAnswering(
-                        "Firestore record store: the record kept changing under this write "
+                left = deadline - real_monotonic()
+                if left <= 0:
+                    # The store answers: busy with this entry, not down (the breaker stays).
+                    raise SessionStoreUnavailable(
+                        "Firestore record store: the entry kept changing under this write "
                         f"for FIRESTORE_TIMEOUT ({self.timeout:g} s); nothing was written"
                     ) from None
+                time.sleep(min(left, pause * random.uniform(0.5, 1.0)))  # noqa: S311
+                pause = min(0.2, pause * 2)
 
     @staticmethod
     def _document_data(entry: Entry, at: datetime, lifetime: timedelta) -> dict[str, Any]:
@@ -862,6 +881,32 @@ class FirestoreRecords(RecordStore):
             EXPIRES_AT: at + lifetime,
             UPDATED_AT: at,
         }
+
+
+def _merging(
+    store: FirestoreRecords,
+    changed: Mapping[str, bytes],
+    deleted: Collection[str],
+    *,
+    fill: bool,
+) -> Callable[[Entry | None], Entry | None]:
+    """What a merge (or a fill: only keys not held yet) makes of an entry read as it is now."""
+
+    def merged(entry: Entry | None) -> Entry | None:
+        base = entry or Entry()
+        fields = dict(base.fields)
+        for name, raw in changed.items():
+            if not fill or name not in fields:
+                fields[name] = raw
+        for name in deleted:
+            fields.pop(name, None)
+        if changed:
+            store._check(fields)
+        if not fields and base.lease_until <= real_time():
+            return None
+        return Entry(fields, base.fence, base.lease_until)
+
+    return merged
 
 
 def _mark(document: Mapping[str, Any]) -> float | None:

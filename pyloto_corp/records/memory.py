@@ -276,26 +276,37 @@ class MemoryRecords(RecordStore):
         self._entries[key] = (entry, now + lifetime.total_seconds())
 
     def _merged(
-        self, entry: Entry | None, changed: Mapping[str, bytes], deleted: Collection[str]
+        self,
+        entry: Entry | None,
+        changed: Mapping[str, bytes],
+        deleted: Collection[str],
+        *,
+        fill: bool = False,
     ) -> Entry:
         base = entry or Entry()
-        fields = {**base.fields, **changed}
+        fields = dict(base.fields)
+        for name, raw in changed.items():
+            if not fill or name not in fields:
+                fields[name] = raw
         for name in deleted:
             fields.pop(name, None)
-        self.check_size(entry_size(fields, base.fence))
+        if changed:
+            self.check_size(entry_size(fields))
         return replace(base, fields=fields)
 
     def load(self, key: str, lifetime: timedelta) -> Entry | None:
         now = time.monotonic()
         with self._lock:
             entry = self._live_entry(key, now)
-            if entry is not None:
-                self._entries[key] = (entry, now + lifetime.total_seconds())
+            if entry is None or not entry.fields:
+                return None
+            self._entries[key] = (entry, now + lifetime.total_seconds())
             return entry
 
     def exists(self, key: str) -> bool:
         with self._lock:
-            return self._live_entry(key, time.monotonic()) is not None
+            entry = self._live_entry(key, time.monotonic())
+            return entry is not None and bool(entry.fields)
 
     def merge(
         self,
@@ -304,11 +315,17 @@ class MemoryRecords(RecordStore):
         deleted: Collection[str],
         lifetime: timedelta,
         *,
-        fresh: bool = False,
+        loaded: Mapping[str, bytes] | None = None,
     ) -> None:
         now = time.monotonic()
         with self._lock:
             entry = self._merged(self._live_entry(key, now), changed, deleted)
+            self._put(key, entry, lifetime, now)
+
+    def fill(self, key: str, fields: Mapping[str, bytes], lifetime: timedelta) -> None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._merged(self._live_entry(key, now), fields, (), fill=True)
             self._put(key, entry, lifetime, now)
 
     def acquire(
@@ -325,7 +342,7 @@ class MemoryRecords(RecordStore):
             token = new_token()
             taken = replace(base, fence=token, lease_until=wall + lease.total_seconds())
             self._put(key, taken, max(lifetime, lease), now)
-            return Lease(token, entry)
+            return Lease(token, entry if entry is not None and entry.fields else None)
 
     def save(
         self,

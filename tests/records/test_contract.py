@@ -20,9 +20,9 @@ def test_a_merge_creates_then_merges_each_key(stored: Stored) -> None:
     store = stored.store
     assert store.load("k1", LIFETIME) is None
     assert not store.exists("k1")
-    store.merge("k1", {"a": b"1", "b": b"2"}, (), LIFETIME, fresh=True)
+    store.merge("k1", {"a": b"1", "b": b"2"}, (), LIFETIME)
     # Another writer that loaded before the first one wrote: its keys land beside them.
-    store.merge("k1", {"c": b"3"}, (), LIFETIME, fresh=True)
+    store.merge("k1", {"c": b"3"}, (), LIFETIME)
     store.merge("k1", {"a": b"9"}, ["b"], LIFETIME)
     entry = store.load("k1", LIFETIME)
     assert entry is not None

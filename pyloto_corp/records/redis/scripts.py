@@ -187,17 +187,22 @@ local function parse(stored)
   end
   return values, order, fence, until_ms
 end
-local function apply(values, order, first)
+local function apply(values, order, first, fill)
   local first_deleted = first + 1 + 2 * tonumber(ARGV[first])
   for i = first + 1, first_deleted - 1, 2 do
-    if values[ARGV[i]] == nil then order[#order + 1] = ARGV[i] end
-    values[ARGV[i]] = ARGV[i + 1]
+    if values[ARGV[i]] == nil then
+      order[#order + 1] = ARGV[i]
+      values[ARGV[i]] = ARGV[i + 1]
+    elseif not fill then
+      values[ARGV[i]] = ARGV[i + 1]
+    end
   end
   for i = first_deleted, #ARGV do values[ARGV[i]] = nil end
+  return tonumber(ARGV[first]) > 0
 end
 local function pack(values, order, fence, until_ms)
   local parts = {marker, struct.pack('>I4', #fence) .. fence .. struct.pack('>d', until_ms)}
-  local total, count = 14 + #fence, 0
+  local total, count = 2 + 4 + 32 + 8, 0
   for _, name in ipairs(order) do
     local value = values[name]
     if value then
@@ -213,18 +218,21 @@ local function stored(key)
 end
 """
 
-#: KEYS[1] the record; ARGV: now (ms), lifetime (ms), max bytes, then the changes (see
-#: _LUA_RECORD's apply). Creates the record if absent; deletes it when no key and no running
-#: lease remain. Returns 'ok', 'format' (not a keyed-state record) or the size refused.
+#: KEYS[1] the record; ARGV: now (ms), lifetime (ms), max bytes, 'merge' or 'fill' (set only
+#: the keys the entry does not hold), then the changes (see _LUA_RECORD's apply). Creates the
+#: record if absent; deletes it when no key and no running lease remain. The size is checked
+#: when keys are set (the lease counts as a full token, held or not: a save or a release never
+#: finds a size an earlier write accepted too large). Returns 'ok', 'format' (not a keyed-state
+#: record) or the size refused.
 MERGE_SCRIPT = (
     "#!lua\n"
     + _LUA_RECORD
     + """
 local values, order, fence, until_ms = parse(stored(KEYS[1]))
 if values == nil then return 'format' end
-apply(values, order, 4)
+local sets = apply(values, order, 5, ARGV[4] == 'fill')
 local data, total, count = pack(values, order, fence, until_ms)
-if total > tonumber(ARGV[3]) then return total end
+if sets and total > tonumber(ARGV[3]) then return total end
 if count == 0 and until_ms <= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
 else
@@ -237,7 +245,8 @@ return 'ok'
 #: KEYS[1] the record; ARGV: now (ms), lease (ms), lifetime (ms), the new fencing token, the
 #: ``done`` key (or ''). Returns {'done', the record} when it holds that key (nothing written);
 #: {'held', ms left} while another lease runs; else takes the lease and returns {'ok', the
-#: record as it was (false when absent)}.
+#: record as it was (false when absent)}. An entry with no key yet is kept for the lifetime
+#: too (a slow holder nobody took over still saves); loads read it as no entry.
 ACQUIRE_SCRIPT = (
     "#!lua\n"
     + _LUA_RECORD
@@ -256,16 +265,16 @@ return {'ok', before}
 
 #: KEYS[1] the record; ARGV: now (ms), lifetime (ms), max bytes, the holder's fencing token,
 #: then the changes. Only while the token is the record's: applies them, releases the lease;
-#: returns 'ok', 'lost' (nothing written) or the size refused.
+#: returns 'ok', 'lost' (nothing written) or the size refused (only when keys are set).
 SAVE_SCRIPT = (
     "#!lua\n"
     + _LUA_RECORD
     + """
 local values, order, fence, until_ms = parse(stored(KEYS[1]))
 if values == nil or fence ~= ARGV[4] then return 'lost' end
-apply(values, order, 5)
+local sets = apply(values, order, 5, false)
 local data, total, count = pack(values, order, fence, 0)
-if total > tonumber(ARGV[3]) then return total end
+if sets and total > tonumber(ARGV[3]) then return total end
 if count == 0 then
   redis.call('DEL', KEYS[1])
 else
@@ -275,10 +284,16 @@ return 'ok'
 """
 )
 
-#: KEYS[1] the record: 1 if it exists. A script so that the app itself never sends EXISTS.
-EXISTS_SCRIPT = """#!lua flags=no-writes
-return redis.call('EXISTS', KEYS[1])
+#: KEYS[1] the record: 1 if it holds a key. A script so that the app never sends EXISTS itself.
+EXISTS_SCRIPT = (
+    "#!lua flags=no-writes\n"
+    + _LUA_RECORD
+    + """
+local values = parse(stored(KEYS[1]))
+if values == nil or next(values) == nil then return 0 end
+return 1
 """
+)
 
 #: Every script this backend runs (their SHA1s are computed once per store).
 SCRIPTS: Final = (

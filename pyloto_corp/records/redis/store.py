@@ -416,12 +416,14 @@ class RedisRecords(RecordStore):
 
     @staticmethod
     def _entry(data: object) -> Entry | None:
+        """The entry stored; None when absent or holding no key (only a lease)."""
         if not isinstance(data, bytes):
             return None
         try:
-            return parse_entry(data)
+            entry = parse_entry(data)
         except ValueError:
             raise _not_ours() from None
+        return entry if entry.fields else None
 
     def _checked(self, reply: object) -> bytes:
         if isinstance(reply, int):
@@ -446,9 +448,13 @@ class RedisRecords(RecordStore):
         deleted: Collection[str],
         lifetime: timedelta,
         *,
-        fresh: bool = False,
+        loaded: Mapping[str, bytes] | None = None,
     ) -> None:
-        args = [_now_ms(), _ms(lifetime), self.max_bytes, *_changes(changed, deleted)]
+        args = [_now_ms(), _ms(lifetime), self.max_bytes, "merge", *_changes(changed, deleted)]
+        self._checked(self._script(MERGE_SCRIPT, key, *args))
+
+    def fill(self, key: str, fields: Mapping[str, bytes], lifetime: timedelta) -> None:
+        args = [_now_ms(), _ms(lifetime), self.max_bytes, "fill", *_changes(fields, ())]
         self._checked(self._script(MERGE_SCRIPT, key, *args))
 
     def acquire(
