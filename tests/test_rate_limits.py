@@ -32,6 +32,8 @@ REFUSED_NONE = "Flask-Limiter without RATELIMIT_STORAGE_URI is refused"
 RATE_LIMIT_PASSWORD = "rl-pass-Zq81xT"
 #: Requests a minute one client may make to /limited.
 LIMIT = 5
+#: The README's storage options (redis-py's timeouts, as REDIS_SOCKET_TIMEOUT's default).
+TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}
 
 
 def _app(**config: Any) -> Flask:
@@ -249,7 +251,11 @@ def test_memory_storage_is_accepted_in_development() -> None:
 def test_a_shared_redis_storage_is_accepted_in_production_and_left_as_configured(
     redis_env: dict[str, str], redis_server: RedisServer
 ) -> None:
-    config = {"RATELIMIT_STORAGE_URI": redis_server.url, "RATELIMIT_SWALLOW_ERRORS": False}
+    config = {
+        "RATELIMIT_STORAGE_URI": redis_server.url,
+        "RATELIMIT_STORAGE_OPTIONS": TIMEOUTS,
+        "RATELIMIT_SWALLOW_ERRORS": False,
+    }
     app = _app(**config)
     _limit(app)
     SessionStore(app, Settings.from_env(redis_env))
@@ -314,7 +320,11 @@ def test_the_session_stores_redis_cluster_url_is_a_shared_storage(
     prefix = f"test-{uuid.uuid4().hex}"  # the cluster lives for the whole session
     apps = []
     for _ in range(2):
-        app = _app(RATELIMIT_STORAGE_URI=url, RATELIMIT_KEY_PREFIX=prefix)
+        app = _app(
+            RATELIMIT_STORAGE_URI=url,
+            RATELIMIT_STORAGE_OPTIONS=TIMEOUTS,
+            RATELIMIT_KEY_PREFIX=prefix,
+        )
         _limit(app)
         SessionStore(app, settings)
         apps.append(app)
