@@ -22,6 +22,7 @@ import click
 from flask import Flask
 from flask.cli import NoAppException, ScriptInfo
 
+from .config.rate_limits import RateLimitStorage, limiters, rate_limit_problems, rate_limit_storages
 from .config.settings import FIRESTORE, Settings, Var
 from .errors import ConfigurationError, SessionStoreUnavailable
 from .records.base import CLIENT_GIVEN
@@ -118,18 +119,26 @@ def check(environment: str | None) -> None:
     """Validate the configuration without connecting to anything; exit 1 on any problem.
 
     The app Flask loads is validated with what it configured in code (its own client, as
-    Flask-Session's SESSION_REDIS); without one, the environment alone. The keyed state
-    namespaces the app created (KeyedState at module level) are listed with their lifetimes.
+    Flask-Session's SESSION_REDIS); without one, the environment alone. Flask-Limiter's storage
+    is judged as the app has it now (a Limiter registered after SessionStore included) and
+    shown with any password as ***. The keyed state namespaces the app created (KeyedState at
+    module level) are listed with their lifetimes.
     """
     app = _loaded_app()
     found = {} if app is None else namespaces()
+    storages: list[RateLimitStorage]
     if app is None:
         settings = _settings(environment)
+        storages = rate_limit_storages({}, (), os.environ)
     else:
-        settings = SessionStore.state(app).settings
+        state = SessionStore.state(app)
+        settings = state.settings
         if environment is not None:
             settings = dataclasses.replace(settings, environment=environment)
-    problems = settings.validate()
+        # The loaded app as it is now: a Limiter registered after SessionStore is seen here.
+        environ = os.environ if state.from_environment else {}
+        storages = rate_limit_storages(app.config, limiters(app.extensions), environ)
+    problems = settings.validate() + rate_limit_problems(storages, settings)
     if problems:
         raise click.ClickException(str(ConfigurationError(settings.environment, problems)))
     for advice in settings.advice():
@@ -140,6 +149,8 @@ def check(environment: str | None) -> None:
     click.echo(
         f"Configuration is valid for environment '{settings.environment}' (session store: {store})."
     )
+    for storage in storages:
+        click.echo(f"Rate-limit storage (Flask-Limiter): {storage.shown_uri}.")
     if found:
         click.echo(f"Keyed state namespaces: {_namespaces_text(found)}.")
 

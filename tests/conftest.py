@@ -11,6 +11,7 @@ import redis
 from flask import Flask
 
 from pyloto_corp import create_app
+from pyloto_corp.config.rate_limits import ENVIRONMENT_VARIABLES
 from pyloto_corp.config.settings import BACKENDS, Settings, Var, backend_options
 from tests.services import FirestoreEmulator, RedisClusterNodes, RedisServer
 from tests.tls_services import TlsFiles, TlsRedisCluster, write_tls_files
@@ -26,6 +27,7 @@ _CONFIG_VARS = [value for name, value in vars(Var).items() if name.isupper()] + 
 ]
 _CONFIG_VARS += ["PORT", "LOG_LEVEL", "GUNICORN_WORKERS", "GUNICORN_THREADS", "GUNICORN_TIMEOUT"]
 _CONFIG_VARS += ["GUNICORN_GRACEFUL_TIMEOUT", "GUNICORN_ACCESS_LOG"]
+_CONFIG_VARS += list(ENVIRONMENT_VARIABLES)  # Flask-Limiter's, judged by the same rule
 
 
 @pytest.fixture(autouse=True)

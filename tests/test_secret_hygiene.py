@@ -52,6 +52,16 @@ class _Capture(logging.Handler):
     ),
     timeout=st.sampled_from(["1", "0", "abc", "-3"]),
     on_cloud_run=st.booleans(),
+    rate_limit_url=st.sampled_from(
+        [
+            "",
+            "memory://",
+            "memory://:{pw}@x",
+            "redis://:{pw}@cache:6379/1",
+            "redis+cluster://u:{pw}@a:1,b:2",
+        ]
+    ),
+    swallow_errors=st.booleans(),
 )
 def test_secrets_never_leak(
     secret_key: str,
@@ -63,6 +73,8 @@ def test_secrets_never_leak(
     url: str,
     timeout: str,
     on_cloud_run: bool,
+    rate_limit_url: str,
+    swallow_errors: bool,
 ) -> None:
     secret_key = secret_key[:20] if short_key else secret_key * 3
     environ = {
@@ -76,6 +88,10 @@ def test_secrets_never_leak(
     }
     if on_cloud_run:
         environ["K_SERVICE"] = "api"
+    if rate_limit_url:  # Flask-Limiter's storage, read by check (no app loaded)
+        environ["RATELIMIT_STORAGE_URI"] = rate_limit_url.format(pw=redis_password)
+    if swallow_errors:
+        environ["RATELIMIT_SWALLOW_ERRORS"] = "true"
 
     parsed = Settings.from_env(environ)
     seen = [repr(parsed), str(parsed), str(parsed.redacted()), *parsed.validate()]

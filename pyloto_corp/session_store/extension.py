@@ -17,6 +17,7 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..config.app_config import effective_settings
+from ..config.rate_limits import limiters, rate_limit_problems, rate_limit_storages
 from ..config.settings import Settings, Var
 from ..errors import ConfigurationError, LeaseLost, SessionStoreUnavailable, StateBusy
 from ..records.base import RecordStore
@@ -42,6 +43,9 @@ class StoreState:
 
     settings: Settings
     interface: StoreInterface
+    #: The settings were read from the environment (no ``Settings`` passed): ``check`` reads the
+    #: environment's RATELIMIT_* variables only then, as init did.
+    from_environment: bool = True
 
 
 class SessionStore:
@@ -74,15 +78,18 @@ class SessionStore:
                 "(Flask-Session's Session(app)?); remove that registration: SessionStore "
                 "installs its own interface."
             )
-        settings, problems = effective_settings(
-            app.config, settings, os.environ if settings is None else {}
-        )
+        environ = os.environ if settings is None else {}
+        settings, problems = effective_settings(app.config, settings, environ)
         client = _client(app, client, problems)
         if client is not None and settings.store is not None:
             # The app's own client: what only builds a client (a URL, a project) is not needed.
             settings = dataclasses.replace(settings, store=settings.store.with_client())
         problems += settings.validate()
         problems += _proxy_problems(app, settings)
+        # A Limiter registered before this extension is judged here, one registered after it by
+        # `flask session-store check`.
+        storages = rate_limit_storages(app.config, limiters(app.extensions), environ)
+        problems += rate_limit_problems(storages, settings)
         if problems:
             raise ConfigurationError(settings.environment, problems)
 
@@ -95,7 +102,9 @@ class SessionStore:
         app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)
         app.register_error_handler(StateBusy, answer_state_busy)
         app.register_error_handler(LeaseLost, answer_lease_lost)
-        app.extensions[EXTENSION_KEY] = StoreState(settings=settings, interface=interface)
+        app.extensions[EXTENSION_KEY] = StoreState(
+            settings=settings, interface=interface, from_environment=environ is os.environ
+        )
 
     @staticmethod
     def state(app: Flask | None = None) -> StoreState:
