@@ -113,6 +113,13 @@ def _check_key(value: object, name: str) -> str:
     return value
 
 
+def _check_lease(lease: timedelta, lifetime: timedelta) -> None:
+    if lease > lifetime:
+        raise ValueError(
+            "lease must not be longer than lifetime: the record would expire under its holder"
+        )
+
+
 def _take(bound: _Bound, lease: timedelta, lifetime: timedelta) -> Lease | Held | Done:
     """The claim on the current key; a completed record under a key of SECRET_KEY_FALLBACKS
     (written before a key rotation) counts too."""
@@ -145,6 +152,7 @@ def claim(
     """
     lease = _duration("lease", lease)
     lifetime = _duration("lifetime", lifetime)
+    _check_lease(lease, lifetime)
     _check_key(namespace, "namespace")
     bound = bind(f"claim({namespace!r})", namespace, key, kind="idem")
     taken = _take(bound, lease, lifetime)
@@ -290,6 +298,7 @@ def idempotent(
     """
     lifetime = _duration("lifetime", lifetime)
     lease = _duration("lease", lease)
+    _check_lease(lease, lifetime)
     get_key = key or _header_key
 
     def decorator(view: F) -> F:
