@@ -14,6 +14,7 @@ from flask import Flask, Response, session
 from pyloto_corp.errors import LeaseLost, StateBusy
 from pyloto_corp.idempotency import claim, idempotent
 from tests.conftest import MakeApp
+from tests.elsewhere import elsewhere
 from tests.records.conftest import BACKENDS
 from tests.session_store.conftest import HARNESSES
 
@@ -111,22 +112,6 @@ def test_an_exception_or_no_complete_releases_the_claim(app: Flask) -> None:
             assert job.completed
 
 
-def _elsewhere(app: Flask, work: Any) -> BaseException | None:
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with app.app_context():
-                work()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return raised[0] if raised else None
-
-
 def _claim_again() -> None:
     with claim("wa-message", MESSAGE):
         pass
@@ -135,7 +120,7 @@ def _claim_again() -> None:
 def test_a_claim_held_elsewhere_is_busy_at_once(app: Flask) -> None:
     with app.app_context(), claim("wa-message", MESSAGE) as job:
         started = time.monotonic()
-        busy = _elsewhere(app, _claim_again)
+        busy = elsewhere(app, _claim_again)
         assert time.monotonic() - started < 1
         job.complete()
     assert isinstance(busy, StateBusy)
@@ -151,7 +136,7 @@ def _take_over() -> None:
 def _outlive(app: Flask) -> None:
     with claim("wa-message", MESSAGE, lease=timedelta(milliseconds=300)) as job:
         time.sleep(0.5)
-        assert _elsewhere(app, _take_over) is None
+        assert elsewhere(app, _take_over) is None
         job.complete("mine")
 
 

@@ -16,6 +16,7 @@ from pyloto_corp.errors import LeaseLost, SessionTooLarge, StateBusy, Unstorable
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.state import KeyedState, store_key
 from tests.conftest import MakeApp
+from tests.elsewhere import elsewhere
 from tests.records.conftest import BACKENDS
 from tests.session_store.conftest import HARNESSES
 
@@ -120,24 +121,6 @@ def test_namespaces_and_cookie_sessions_are_separate(app: Flask) -> None:
         assert conversations.get(PHONE) == {"who": "conversation"}
 
 
-def _elsewhere(app: Flask, work: Any) -> BaseException | None:
-    """Run ``work`` in another thread (another caller, as another instance would be); what it
-    raised, if anything."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with app.app_context():
-                work()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return raised[0] if raised else None
-
-
 def _turn_at_once() -> None:
     with conversations.turn(PHONE, wait=timedelta(0)):
         pass
@@ -147,7 +130,7 @@ def test_a_turn_is_exclusive_and_wait_zero_is_busy_at_once(app: Flask) -> None:
     with app.app_context(), conversations.turn(PHONE) as state:
         state["step"] = "held"
         started = time.monotonic()
-        busy = _elsewhere(app, _turn_at_once)
+        busy = elsewhere(app, _turn_at_once)
         assert time.monotonic() - started < 1
     assert isinstance(busy, StateBusy)
     assert 1 <= busy.retry_after <= 60
@@ -186,7 +169,7 @@ def _outlive_lease(app: Flask) -> None:
     with conversations.turn(PHONE, lease=timedelta(milliseconds=300)) as late:
         late["n"] = 99
         time.sleep(0.5)
-        assert _elsewhere(app, _take_turn) is None
+        assert elsewhere(app, _take_turn) is None
 
 
 def test_a_holder_that_outlived_its_lease_loses_its_save(app: Flask) -> None:
@@ -295,7 +278,7 @@ def test_a_view_answers_503_while_the_turn_is_held(app: Flask) -> None:
             held.set()
             done.wait(10)
 
-    holder = threading.Thread(target=_elsewhere, args=(app, hold))
+    holder = threading.Thread(target=elsewhere, args=(app, hold))
     holder.start()
     try:
         assert held.wait(10)

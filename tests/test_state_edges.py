@@ -18,6 +18,7 @@ from pyloto_corp.records.base import entry_size
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.state import KeyedState, store_key
 from tests.conftest import MakeApp
+from tests.elsewhere import elsewhere
 
 PHONE = "5511987654321"
 NEW_SECRET = "a-new-key-Xk29fPq7LmZ3vB8nR4tYw6cJ1hDs5gE0"
@@ -161,24 +162,13 @@ def test_a_lease_longer_than_the_lifetime_is_refused_and_the_default_fits(app: F
             short.get(PHONE)  # another caller's read slides the expiry, never below the lease
             state["n"] = 1
             time.sleep(1.2)
-            busy = _held_elsewhere_check(app)
+            busy = elsewhere(app, _short_turn_at_once)
         assert isinstance(busy, StateBusy)
 
 
-def _held_elsewhere_check(app: Flask) -> BaseException | None:
-    raised: list[BaseException] = []
-
-    def other() -> None:
-        try:
-            with app.app_context(), short.turn(PHONE, wait=timedelta(0)):
-                pass
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join()
-    return raised[0] if raised else None
+def _short_turn_at_once() -> None:
+    with short.turn(PHONE, wait=timedelta(0)):
+        pass
 
 
 @pytest.fixture
