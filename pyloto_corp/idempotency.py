@@ -345,15 +345,16 @@ def idempotent(
             if response.status_code >= 500:
                 _release(bound, token, lifetime)
                 return response
-            fields = _stored_response(response, fingerprint, bound.store.max_bytes)
             try:
-                with bound.interface.breaker.guard(admit=False):
-                    saved = bound.store.save(bound.keys[0], token, fields, (), lifetime)
-            except SessionTooLarge:
-                # The kept headers alone are over the cap: keep the status only.
-                fields = _stored_response(make_response(b"", response.status_code), fingerprint, 0)
-                with bound.interface.breaker.guard(admit=False):
-                    saved = bound.store.save(bound.keys[0], token, fields, (), lifetime)
+                saved = _complete(bound, token, response, fingerprint, lifetime)
+            except SessionStoreUnavailable:
+                # The view ran: answer what it answered. A 503 would have the sender retry, and
+                # the retry would run the view again once the lease ran out.
+                logger.warning(
+                    "An idempotent request's response could not be stored (the store failed): "
+                    "answered anyway; a repeat after its lease runs the view again"
+                )
+                return response
             if not saved:
                 logger.warning(
                     "An idempotent request outlived its lease and another took the key over: "
@@ -364,6 +365,21 @@ def idempotent(
         return cast(F, wrapper)
 
     return decorator
+
+
+def _complete(
+    bound: _Bound, token: str, response: Response, fingerprint: str, lifetime: timedelta
+) -> bool:
+    """Store a view's response as completed; False when another request took the key over."""
+    fields = _stored_response(response, fingerprint, bound.store.max_bytes)
+    try:
+        with bound.interface.breaker.guard(admit=False):
+            return bound.store.save(bound.keys[0], token, fields, (), lifetime)
+    except SessionTooLarge:
+        # The kept headers alone are over the cap: keep the status only.
+        fields = _stored_response(make_response(b"", response.status_code), fingerprint, 0)
+        with bound.interface.breaker.guard(admit=False):
+            return bound.store.save(bound.keys[0], token, fields, (), lifetime)
 
 
 def _replay_or_refuse(entry: Entry, fingerprint: str) -> Response:
