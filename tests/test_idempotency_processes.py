@@ -257,15 +257,22 @@ def _outage_app(app: Flask) -> Flask:
         app.config["runs"] += 1
         return {"order": app.config["runs"]}
 
+    @app.post("/pauses")
+    @idempotent()
+    def pauses() -> dict[str, int]:
+        app.config["runs"] += 1
+        app.config["pause"]()  # the store hangs once the work is done, before it is stored
+        return {"order": app.config["runs"]}
+
     assert _client_post(app, "done-key").status_code == 200
     with app.app_context(), claim("wa-message", "wamid.done") as job:
         job.complete("sent")
     return app
 
 
-def _client_post(app: Flask, key: str) -> Any:
+def _client_post(app: Flask, key: str, path: str = "/orders") -> Any:
     headers = {"Idempotency-Key": key, "Accept": "application/json"}
-    return app.test_client().post("/orders", json={"item": 1}, headers=headers)
+    return app.test_client().post(path, json={"item": 1}, headers=headers)
 
 
 def _claim(id: str) -> None:
@@ -313,12 +320,40 @@ def _recovers(app: Flask) -> None:
     assert app.config["runs"] == 1
 
 
+def _answers_after_the_view_ran(app: Flask, resume: Callable[[], None]) -> None:
+    """The store hangs after the view ran, while its response is being stored: the client gets
+    the view's answer, not a 503 that would have it retry (a webhook's sender does) and run the
+    view again once the lease ran out. A repeat does not run it either: it finds the key in
+    progress, or completed (redis-server, resumed, ran the save the client gave up on)."""
+    started = time.monotonic()
+    try:
+        response = _client_post(app, "paused-key", "/pauses")
+        elapsed = time.monotonic() - started
+    finally:
+        resume()
+    assert response.status_code == 200
+    assert response.json == {"order": 2}
+    assert elapsed < BOUND
+    time.sleep(1.1)  # the breaker's cool-down
+    repeat = _client_post(app, "paused-key", "/pauses")
+    assert repeat.status_code == 409 or repeat.headers["Idempotent-Replayed"] == "true"
+    assert app.config["runs"] == 2
+
+
 def test_redis_hung(make_app: MakeApp, own_redis: RedisServer) -> None:
     app = _outage_app(make_app(**redis_production_env(own_redis.url)))  # 1 s timeouts
     assert own_redis.process is not None
     with _paused(own_redis.process.pid):
         _assert_fails_closed(app)
     _recovers(app)
+
+
+def test_redis_hung_after_the_view_ran(make_app: MakeApp, own_redis: RedisServer) -> None:
+    app = _outage_app(make_app(**redis_production_env(own_redis.url)))
+    assert own_redis.process is not None
+    pid = own_redis.process.pid
+    app.config["pause"] = lambda: os.kill(pid, signal.SIGSTOP)
+    _answers_after_the_view_ran(app, lambda: os.kill(pid, signal.SIGCONT))
 
 
 def test_redis_down(make_app: MakeApp, own_redis: RedisServer) -> None:
@@ -335,3 +370,13 @@ def test_firestore_hung(
     with _paused(firestore_emulator.process.pid, group=True):
         _assert_fails_closed(app)
     _recovers(app)
+
+
+def test_firestore_hung_after_the_view_ran(
+    make_app: MakeApp, firestore_env: dict[str, str], firestore_emulator: FirestoreEmulator
+) -> None:
+    app = _outage_app(make_app(**firestore_env, FIRESTORE_TIMEOUT=str(TIMEOUT)))
+    assert firestore_emulator.process is not None
+    group = firestore_emulator.process.pid
+    app.config["pause"] = lambda: os.killpg(group, signal.SIGSTOP)
+    _answers_after_the_view_ran(app, lambda: os.killpg(group, signal.SIGCONT))
