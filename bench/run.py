@@ -8,9 +8,10 @@ repo's gunicorn.conf.py as on Cloud Run (K_SERVICE set: no access log; 2 workers
 the defaults) and once more with the access log on, drives it with wrk, counts Redis commands with
 INFO commandstats, and prints one table. Then the keyed state's (pyloto_corp.state) costs: round
 trips and document operations per operation, and turns per second on one conversation from two
-processes. Deterministic targets (store operations per request and per operation, no
-google.cloud import, no lost turn) fail the run when missed; timing targets are reported, and
-enforced only in a full run.
+processes; and idempotency's (pyloto_corp.idempotency): round trips and document operations per
+step of claim() and of an @idempotent view. Deterministic targets (store operations per request
+and per operation, no google.cloud import, no lost turn) fail the run when missed; timing
+targets are reported, and enforced only in a full run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from flask import Flask
 
 from pyloto_corp import create_app
 from pyloto_corp.config.settings import Settings
-from tests import state_operations
+from tests import idempotency_operations, state_operations
 from tests.merge_app import REQUESTS, THREADS, concurrent_writers
 from tests.redis_commands import round_trips
 from tests.services import (
@@ -79,6 +80,22 @@ STATE_ROUND_TRIPS = {
     "turn, a key changed": 2,
     "turn, nothing changed": 2,
     "delete": 1,
+}
+#: Round trips per idempotency step on Redis (tests/test_idempotency_costs.py pins them too).
+IDEMPOTENCY_ROUND_TRIPS = {
+    "claim": 1,
+    "complete": 1,
+    "replay": 1,
+    "claim, held elsewhere": 1,
+    "claim, left without complete": 2,
+    "view, first request": 2,
+    "view, replay": 1,
+}
+#: Document operations per claim, completion and replay on Firestore.
+IDEMPOTENCY_DOCUMENTS = {
+    "claim": {**READ, "create": 1},
+    "complete": {**READ, "update": 1},
+    "replay": READ,
 }
 #: Document operations per keyed-state load and save on Firestore.
 STATE_DOCUMENTS = {
@@ -429,6 +446,25 @@ def state_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
     return operations
 
 
+def idempotency_round_trips(app: Flask, stores: list[redis.Redis]) -> dict[str, int]:
+    """Redis round trips per idempotency step, summed over the nodes."""
+    return idempotency_operations.total(idempotency_operations.redis_round_trips(app, stores))
+
+
+def idempotency_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Firestore document operations per idempotency step, in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.idempotency_operations", "firestore"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    operations: dict[str, dict[str, int]] = json.loads(result.stdout)
+    return operations
+
+
 def turns_on_one_conversation(
     env: dict[str, str], app: Flask, seconds: float
 ) -> tuple[list[dict[str, int]], object]:
@@ -585,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
             state_cluster_trips = state_round_trips(quiet_app(env("ours_cluster")), nodes)
             state_docs = state_documents(env("ours_firestore"))
             turns, counter = turns_on_one_conversation(env("ours_redis"), state_app, seconds)
+            idem_trips = idempotency_round_trips(quiet_app(env("ours_redis")), [store])
+            idem_cluster_trips = idempotency_round_trips(quiet_app(env("ours_cluster")), nodes)
+            idem_docs = idempotency_documents(env("ours_firestore"))
             (ours_cold, google), (base_cold, _), (environs_cold, _) = cold_start(
                 runs,
                 (env("ours_redis"), "wsgi"),
@@ -682,6 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         + f" turns, {sum(process['busy'] for process in turns)} StateBusy); final counter "
         f"{counter}, turns done {turns_done}"
     )
+    print(f"Idempotency, Redis round trips per step: {json.dumps(idem_trips)}")
+    print(
+        "Idempotency, Redis Cluster (3 primaries) round trips per step, summed over the nodes: "
+        + json.dumps(idem_cluster_trips)
+    )
+    print(f"Idempotency, Firestore document operations per step: {json.dumps(idem_docs)}")
     print(
         f"Cold start `import wsgi` (redis): {ours_cold * 1000:.0f} ms; minimal Flask + "
         f"Flask-Session: {base_cold * 1000:.0f} ms; the minimal app + `import environs` alone: "
@@ -735,6 +780,20 @@ def main(argv: list[str] | None = None) -> int:
         counter == turns_done > 0,
         f"Keyed state, two processes taking turns on one conversation: final counter {counter} "
         f"= {turns_done} turns done (0 lost)",
+    )
+    target(
+        idem_trips == IDEMPOTENCY_ROUND_TRIPS,
+        "Idempotency on Redis: claim 1, complete 1, replay 1 (a claim held elsewhere 1, a release "
+        "1); an @idempotent view's first request 2, its replay 1",
+    )
+    target(
+        idem_cluster_trips == IDEMPOTENCY_ROUND_TRIPS,
+        "Idempotency on Redis Cluster: the same, summed over the primaries",
+    )
+    target(
+        {label: idem_docs[label] for label in IDEMPOTENCY_DOCUMENTS} == IDEMPOTENCY_DOCUMENTS,
+        "Idempotency on Firestore: claim 1 read + 1 create, complete 1 read + 1 write, replay "
+        "1 read",
     )
     target(not google, "redis backend imports no google.cloud module")
     target(
