@@ -21,8 +21,8 @@ whose lease ran out while nobody took over still completes; one that was taken o
 completion dropped (the other holder's stands). A store that is down raises
 ``SessionStoreUnavailable`` (a view answers 503 with ``Retry-After``): never "not seen", which
 would run the work twice. A view whose response cannot be stored (the store failed after the
-view ran) still answers what it answered. Keys are HMACs of the namespace and the key under SECRET_KEY (see
-``pyloto_corp.state``); a payload fingerprint is a hash, never the body.
+view ran) still answers what it answered. Keys are HMACs of the namespace and the key under
+SECRET_KEY (see ``pyloto_corp.state``); a payload fingerprint is a hash, never the body.
 """
 
 from __future__ import annotations
