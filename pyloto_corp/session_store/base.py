@@ -51,6 +51,8 @@ from ..records.base import (
 )
 from .breaker import DEFAULT_COOLDOWN, Breaker
 
+from ..config.settings import previous_cookie_name
+
 if TYPE_CHECKING:
     from ..config.settings import Settings
 
@@ -61,8 +63,11 @@ T = TypeVar("T")
 RETRY_AFTER_SECONDS = 5
 #: Session key holding the Cloud Run service that wrote it (``Settings.session_service``).
 SERVICE = "_service"
+#: Session key set in every record written while the cookie is a ``__Host-`` one: such a session
+#: is never taken from the cookie's previous name (see :meth:`StoreInterface.open_session`).
+HOST_COOKIE = "_host"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
-INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE})
+INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE, HOST_COOKIE})
 #: Store ids whose user this process remembers, so that the read of a logged-in session fetches
 #: its user's revocation mark in the same round trip (beyond it the memory is dropped, cheaply).
 OWNERS_REMEMBERED = 10_000
@@ -116,7 +121,8 @@ class StoreSession(ServerSideSession):
     ``owner`` is the user the stored record belonged to (``SESSION_USER_KEY``) when it was read;
     ``retired`` is the marker found when the cookie's id was retired by a login or a logout;
     ``sent`` is what the browser's cookie already says (id, permanence, creation time), so a
-    response never sends the same cookie again.
+    response never sends the same cookie again; ``moved_from`` is the cookie's previous name
+    when the browser sent the session under that one only (it gets the new one instead).
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class StoreSession(ServerSideSession):
         self.owner = owner
         self.retired = retired
         self.sent = self.cookie_state() if stored is not None else None
+        self.moved_from: str | None = None
 
     def cookie_state(self) -> tuple[str, object, object]:
         """What the session cookie says: its value and what its expiry is computed from."""
@@ -333,20 +340,41 @@ class StoreInterface(ServerSideSessionInterface):
     # -- reading -----------------------------------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
-        sid = request.cookies.get(self.get_cookie_name(app))
+        """The session the cookie names. A ``__Host-`` cookie absent, the cookie of its
+        previous name is read instead (``session`` for ``__Host-session``), so that the upgrade
+        logs no one out: its session is kept and moves to the new cookie. Only a session
+        stored before the upgrade moves so (one written since carries :data:`HOST_COOKIE`):
+        a sibling subdomain can set the old cookie, which is what the prefix is there to stop."""
+        name = self.get_cookie_name(app)
+        sid = request.cookies.get(name)
         if not sid:
-            return self.new_session()
+            previous = previous_cookie_name(name)
+            sid = request.cookies.get(previous) if previous is not None else None
+            if not sid:
+                return self.new_session()
+            assert previous is not None
+            return self._open(app, sid, moved_from=previous)
+        return self._open(app, sid)
+
+    def _open(self, app: Flask, sid: str, moved_from: str | None = None) -> StoreSession:
         store_id = self.store_id(sid)
         try:
             with self.breaker.guard():
                 user = self._owners.get(store_id)
                 record = self.records.read(store_id, self.idle_lifetime(app, sid), user)
                 if isinstance(record, Retired):
-                    if record.live:
+                    if record.live and moved_from is None:
                         return self.session_class(sid=sid, retired=record)
                     record = None
                 data = None if record is None else self.decode(record, store_id)
                 if data is not None and not self._is_ours(data, store_id):
+                    data = None
+                if data is not None and moved_from is not None and data.get(HOST_COOKIE):
+                    logger.warning(
+                        "Ignored session %s sent under the session cookie's previous name: it "
+                        "was written since the cookie took the __Host- prefix",
+                        store_id,
+                    )
                     data = None
                 owner = None if data is None else self.user_of(data)
                 if record is not None and data is not None and owner is not None:
@@ -360,7 +388,11 @@ class StoreInterface(ServerSideSessionInterface):
             return stand_in
         if record is None or data is None:
             return self.new_session()
-        return self.session_class(data, sid=sid, stored=record, owner=owner)
+        session = self.session_class(data, sid=sid, stored=record, owner=owner)
+        if moved_from is not None:
+            session.moved_from = moved_from
+            session.sent = None  # the browser holds no cookie of the new name yet
+        return session
 
     def new_session(self) -> StoreSession:
         sid = ANONYMOUS_SID_MARK + self._generate_sid(self.sid_length)  # no user yet
@@ -448,6 +480,8 @@ class StoreInterface(ServerSideSessionInterface):
         try:
             with self.breaker.guard(admit=writes):
                 self._write(app, session, response)
+            if session.moved_from is not None:
+                self._move_cookie(app, session, response)
         except SessionStoreUnavailable:
             _replace(response, unavailable_response())
         except SessionGone:
@@ -508,6 +542,8 @@ class StoreInterface(ServerSideSessionInterface):
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         if self.service is not None and SERVICE not in session:
             dict.__setitem__(session, SERVICE, self.service)
+        if HOST_COOKIE not in session and previous_cookie_name(self.get_cookie_name(app)):
+            dict.__setitem__(session, HOST_COOKIE, True)
         self._stamp_user(session)
         fields = self.encode(session)
         rewritten = session.stored is None
@@ -644,10 +680,19 @@ class StoreInterface(ServerSideSessionInterface):
         )
         response.vary.add("Cookie")
         _keep_private(response, no_store=True)
+        session.sent = session.cookie_state()
 
-    def _delete_cookie(self, app: Flask, response: Response) -> None:
+    def _move_cookie(self, app: Flask, session: StoreSession, response: Response) -> None:
+        """The browser sent this session under the cookie's previous name: it gets the cookie
+        of the new name (unless the session ended) and the old one is deleted."""
+        assert session.moved_from is not None
+        if session and session.retired is None and session.cookie_state() != session.sent:
+            self._set_cookie(app, session, response)
+        self._delete_cookie(app, response, session.moved_from)
+
+    def _delete_cookie(self, app: Flask, response: Response, name: str | None = None) -> None:
         response.delete_cookie(
-            self.get_cookie_name(app),
+            name or self.get_cookie_name(app),
             domain=self.get_cookie_domain(app),
             path=self.get_cookie_path(app),
             secure=self.get_cookie_secure(app),
