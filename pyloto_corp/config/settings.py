@@ -281,8 +281,9 @@ class Settings:
         set_(self, "environment", normalise_environment(self.environment))
         set_(self, "session_store_backend", _normalise(self.session_store_backend))
         set_(self, "session_cookie_samesite", normalise_samesite(self.session_cookie_samesite))
-        if isinstance(self.secret_key_fallbacks, list):
-            set_(self, "secret_key_fallbacks", tuple(self.secret_key_fallbacks))
+        fallbacks: Any = self.secret_key_fallbacks  # as given: validate() names anything else
+        if isinstance(fallbacks, list):
+            set_(self, "secret_key_fallbacks", tuple(fallbacks))
         if self.store is None and self.session_store_backend in BACKENDS:
             set_(self, "store", backend_options(self.session_store_backend)())
 
@@ -492,7 +493,7 @@ class Settings:
         return problems
 
     def _secret_key_problems(self) -> list[str]:
-        fallbacks = self.secret_key_fallbacks
+        fallbacks: Any = self.secret_key_fallbacks
         if not isinstance(fallbacks, tuple) or not all(
             isinstance(key, str | bytes) for key in fallbacks
         ):
@@ -672,9 +673,10 @@ class Settings:
 
     def _redacted_fallbacks(self) -> list[str] | str | None:
         """One ``***`` per key (how many there are is no secret), None when there are none."""
-        if not isinstance(self.secret_key_fallbacks, tuple):
+        fallbacks: Any = self.secret_key_fallbacks
+        if not isinstance(fallbacks, tuple):
             return INVALID
-        return [REDACTED] * len(self.secret_key_fallbacks) or None
+        return [REDACTED] * len(fallbacks) or None
 
     def __repr__(self) -> str:
         body = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())

@@ -29,6 +29,7 @@ from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
+from ..config.settings import previous_cookie_name
 from ..errors import (
     LeaseLost,
     SessionGone,
@@ -50,8 +51,6 @@ from ..records.base import (
     user_since,
 )
 from .breaker import DEFAULT_COOLDOWN, Breaker
-
-from ..config.settings import previous_cookie_name
 
 if TYPE_CHECKING:
     from ..config.settings import Settings
