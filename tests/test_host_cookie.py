@@ -331,7 +331,12 @@ def test_a_login_under_the_old_cookie_moves_to_a_new_host_cookie(
     assert _is_deletion(cookies[LOCAL_COOKIE])
     signed_in = _client(after).get("/whoami", headers={"Cookie": f"{DEPLOYED_COOKIE}={new}"})
     assert signed_in.json == {"user": "bob"}
+    # The old id is retired, under either name: a request still carrying it (sent before the
+    # login's answer arrived) neither writes nor sets a cookie over the login's.
     assert _client(after).get("/whoami", headers=_as_before(sid)).json == {"user": None}
+    late = _client(after).post("/counter", headers=_as_before(sid), base_url=HTTPS)
+    assert late.status_code == 409
+    assert DEPLOYED_COOKIE not in _cookies(late)
 
 
 def test_a_logout_under_the_old_cookie_deletes_both(

@@ -362,8 +362,8 @@ class StoreInterface(ServerSideSessionInterface):
                 user = self._owners.get(store_id)
                 record = self.records.read(store_id, self.idle_lifetime(app, sid), user)
                 if isinstance(record, Retired):
-                    if record.live and moved_from is None:
-                        return self.session_class(sid=sid, retired=record)
+                    if record.live:
+                        return _moved(self.session_class(sid=sid, retired=record), moved_from)
                     record = None
                 data = None if record is None else self.decode(record, store_id)
                 if data is not None and not self._is_ours(data, store_id):
@@ -387,11 +387,7 @@ class StoreInterface(ServerSideSessionInterface):
             return stand_in
         if record is None or data is None:
             return self.new_session()
-        session = self.session_class(data, sid=sid, stored=record, owner=owner)
-        if moved_from is not None:
-            session.moved_from = moved_from
-            session.sent = None  # the browser holds no cookie of the new name yet
-        return session
+        return _moved(self.session_class(data, sid=sid, stored=record, owner=owner), moved_from)
 
     def new_session(self) -> StoreSession:
         sid = ANONYMOUS_SID_MARK + self._generate_sid(self.sid_length)  # no user yet
@@ -804,6 +800,16 @@ SESSION_ENDED_MESSAGE = (
     "The session ended (signed out or signed in elsewhere) while this request ran; "
     "its changes were not saved."
 )
+
+
+def _moved(session: StoreSession, moved_from: str | None) -> StoreSession:
+    """A session the browser sent under the cookie's previous name, if ``moved_from`` is one:
+    its cookie is set under the new name (the browser holds none yet) and the old one deleted
+    (see ``save_session``). A retired id stays retired: no cookie is set for it."""
+    if moved_from is not None:
+        session.moved_from = moved_from
+        session.sent = None
+    return session
 
 
 def _unproxied(session: object) -> StoreSession:
