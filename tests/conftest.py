@@ -41,6 +41,27 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 MakeApp = Callable[..., Flask]
 
+#: The session cookie's name when deployed (staging, production, Cloud Run), and elsewhere.
+DEPLOYED_COOKIE = "__Host-session"
+LOCAL_COOKIE = "session"
+
+
+def cookie_name(app: Flask) -> str:
+    """The session cookie's name in ``app``: ``__Host-session`` when deployed, else ``session``."""
+    name: str = app.config["SESSION_COOKIE_NAME"]
+    return name
+
+
+def session_cookie(response: Any) -> str | None:
+    """What a response sets the session cookie to (under either name; ``""`` when it deletes
+    it), None when it sends none."""
+    for header in response.headers.getlist("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        if name in (DEPLOYED_COOKIE, LOCAL_COOKIE):
+            value: str = rest.split(";", 1)[0]
+            return value
+    return None
+
 
 def redis_production_env(url: str, **extra: str) -> dict[str, str]:
     """A valid production app on the redis backend at ``url``, with 1 s store timeouts."""

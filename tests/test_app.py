@@ -8,7 +8,7 @@ from flask import Flask
 
 from pyloto_corp import ConfigurationError, SessionStore, Settings, create_app
 from pyloto_corp.config.settings import Var
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import SECRET, MakeApp, cookie_name
 
 
 def test_create_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,10 +106,10 @@ def test_a_second_instance_sees_the_session_only_with_a_shared_store(
     first, second = make_app(**environ), make_app(**environ)
     client = first.test_client()
     client.post("/session/counter")
-    cookie = client.get_cookie("session")
+    cookie = client.get_cookie(cookie_name(first))
     assert cookie is not None
     other = second.test_client()
-    other.set_cookie("session", cookie.value)
+    other.set_cookie(cookie_name(second), cookie.value)
     assert other.get("/session/counter").json == {"counter": 1 if shared else 0}
 
 

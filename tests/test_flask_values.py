@@ -23,7 +23,7 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import MakeApp
 from tests.flask_values import CASES, REFUSED, as_flask_allows, typed
-from tests.session_store.conftest import HARNESSES, Harness
+from tests.session_store.conftest import HARNESSES, Harness, sid_of
 
 BACKENDS = ("memory", "redis", "firestore")
 #: Module paths and class names of the values stored: none may reach the store (reading a
@@ -118,7 +118,7 @@ def test_every_value_flask_keeps_comes_back_from_the_store(
                 for r in caplog.records
             ), response.json
         else:
-            sid = _sid(response.headers["Set-Cookie"])
+            sid = sid_of(response)
             stored = backend.read_raw(ours_app, backend.store_id(ours_app, sid))
             assert isinstance(stored, dict)
             named = [word for word in CLASS_NAMES if word in stored["v"]]
@@ -128,11 +128,6 @@ def test_every_value_flask_keeps_comes_back_from_the_store(
         if (why := as_flask_allows(ours, from_flask, case.value)) is not None:
             problems.append(f"{name}: {why}")
     assert not problems, "\n".join(problems)
-
-
-def _sid(set_cookie: str) -> str:
-    assert set_cookie.startswith("session="), set_cookie
-    return set_cookie.split(";", 1)[0].split("=", 1)[1]
 
 
 # --- Flask-Dance ------------------------------------------------------------------------------

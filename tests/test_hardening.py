@@ -45,7 +45,15 @@ from pyloto_corp.session_store.base import (
     StoreInterface,
     hashed_store_id,
 )
-from tests.conftest import _CONFIG_VARS, SECRET, MakeApp, redis_production_env
+from tests.conftest import (
+    _CONFIG_VARS,
+    DEPLOYED_COOKIE,
+    SECRET,
+    MakeApp,
+    cookie_name,
+    redis_production_env,
+    session_cookie,
+)
 from tests.services import ROOT, FirestoreEmulator, RedisServer, free_port, wait_until
 from tests.stored import store_session, stored_session
 from tests.tls_services import write_tls_files
@@ -61,24 +69,21 @@ JSON = {"Accept": "application/json"}
 
 def _session_cookie(response: Response) -> str | None:
     """The value the response sets for the session cookie (None: no session Set-Cookie)."""
-    for header in response.headers.getlist("Set-Cookie"):
-        name, _, rest = header.partition("=")
-        if name == "session":
-            return rest.split(";", 1)[0]
-    return None
+    return session_cookie(response)
 
 
 def _cookie_expires(response: Response) -> dt.datetime:
     for header in response.headers.getlist("Set-Cookie"):
         jar: SimpleCookie = SimpleCookie()
         jar.load(header)
-        if "session" in jar:
-            return parsedate_to_datetime(jar["session"]["expires"])
+        if DEPLOYED_COOKIE in jar:
+            return parsedate_to_datetime(jar[DEPLOYED_COOKIE]["expires"])
     raise AssertionError("no session cookie")
 
 
-def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}", **JSON}
+def _as(sid: str, name: str = DEPLOYED_COOKIE) -> dict[str, str]:
+    """The session cookie of a deployed app (``name``: another app's)."""
+    return {"Cookie": f"{name}={sid}", **JSON}
 
 
 def _client(app: Flask) -> FlaskClient:
@@ -539,15 +544,16 @@ def test_clock_skew_within_tolerance_is_kept_beyond_is_ignored_not_deleted(
     minute_ahead = "skew-minute-" + "a" * 32
     skewed_writer(minute_ahead, 60)
     client = _client(app)
-    assert client.get("/session/counter", headers=_as(minute_ahead)).json == {"counter": 5}
-    written = client.post("/session/counter", headers=_as(minute_ahead))
+    name = cookie_name(app)
+    assert client.get("/session/counter", headers=_as(minute_ahead, name)).json == {"counter": 5}
+    written = client.post("/session/counter", headers=_as(minute_ahead, name))
     assert written.json == {"counter": 6}
     assert _session_cookie(written) is None  # the browser already holds exactly this cookie
 
     hour_ahead = "skew-hour-" + "b" * 32
     store_id = skewed_writer(hour_ahead, 3600)
-    assert client.get("/session/counter", headers=_as(hour_ahead)).json == {"counter": 0}
-    fresh = client.post("/session/counter", headers=_as(hour_ahead))
+    assert client.get("/session/counter", headers=_as(hour_ahead, name)).json == {"counter": 0}
+    fresh = client.post("/session/counter", headers=_as(hour_ahead, name))
     assert fresh.json == {"counter": 1}
     assert _session_cookie(fresh) not in (None, hour_ahead)
     stored = stored_session(app, store_id)
@@ -581,7 +587,7 @@ def test_login_during_slow_write_leaves_the_browser_logged_in(
         return {"user": session.get("user"), "late": session.get("late")}
 
     old = _counter_session(app)
-    browser = {"session": old}
+    browser = {DEPLOYED_COOKIE: old}
     a: dict[str, Response] = {}
     thread = threading.Thread(
         target=lambda: a.update(r=_client(app).post("/slow-late", headers=_as(old)))
@@ -607,8 +613,8 @@ def test_login_during_slow_write_leaves_the_browser_logged_in(
     assert _session_cookie(a["r"]) is None
     assert any(h.startswith("lang=fr") for h in a["r"].headers.getlist("Set-Cookie"))
     assert browser["lang"] == "fr"
-    assert browser["session"] == _session_cookie(b) != old
-    assert _client(app).get("/whoami", headers=_as(browser["session"])).json == {
+    assert browser[DEPLOYED_COOKIE] == _session_cookie(b) != old
+    assert _client(app).get("/whoami", headers=_as(browser[DEPLOYED_COOKIE])).json == {
         "user": "ana",
         "late": None,
     }

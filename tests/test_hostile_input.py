@@ -10,7 +10,8 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SECRET, MakeApp
+from pyloto_corp.config.settings import previous_cookie_name
+from tests.conftest import SECRET, MakeApp, cookie_name
 
 VICTIM_COUNTER = 7
 
@@ -25,16 +26,23 @@ def victim(request: pytest.FixtureRequest, make_app: MakeApp) -> tuple[Flask, st
     client = app.test_client()
     for _ in range(VICTIM_COUNTER):
         response = client.post("/session/counter", base_url="https://localhost")
-    cookie = client.get_cookie("session")
+    cookie = client.get_cookie(cookie_name(app))
     assert cookie is not None
     assert response.json == {"counter": VICTIM_COUNTER}
     return app, cookie.value
 
 
 def _attack(app: Flask, raw_cookie_value: str) -> None:
-    """Send ``session=<value>`` as raw header bytes (latin-1, as WSGI sees them)."""
+    """Send ``<cookie name>=<value>`` as raw header bytes (latin-1, as WSGI sees them); when
+    deployed, under the name the cookie had before ``__Host-`` too (it is read when alone)."""
+    name = cookie_name(app)
+    for sent in filter(None, (name, previous_cookie_name(name))):
+        _attack_as(app, f"{sent}={raw_cookie_value}")
+
+
+def _attack_as(app: Flask, cookie: str) -> None:
     client = app.test_client(use_cookies=False)  # with a cookie jar, Werkzeug drops the header
-    headers = {"Cookie": f"session={raw_cookie_value}"}
+    headers = {"Cookie": cookie}
     response = client.get("/session/counter", headers=headers, base_url="https://localhost")
     assert response.status_code == 200 or 400 <= response.status_code < 500, response.status_code
     if response.status_code == 200:
@@ -98,7 +106,7 @@ def test_the_victim_still_has_its_session(victim: tuple[Flask, str]) -> None:
     """The control: the same request with the real id does see the victim's data."""
     app, sid = victim
     client = app.test_client(use_cookies=False)
-    headers = {"Cookie": f"session={sid}"}
+    headers = {"Cookie": f"{cookie_name(app)}={sid}"}
     response = client.get("/session/counter", headers=headers, base_url="https://localhost")
     assert response.json == {"counter": VICTIM_COUNTER}
 

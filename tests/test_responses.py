@@ -19,7 +19,7 @@ from flask import Flask, Response, make_response, session
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import SECRET, MakeApp, cookie_name, session_cookie
 from tests.services import RedisServer, free_port
 
 JSON = {"Accept": "application/json"}
@@ -46,15 +46,11 @@ def _sid(response: TestResponse) -> str:
 
 
 def _session_cookie(response: TestResponse) -> str | None:
-    for header in response.headers.getlist("Set-Cookie"):
-        name, _, rest = header.partition("=")
-        if name == "session":
-            return rest.split(";", 1)[0]
-    return None
+    return session_cookie(response)
 
 
-def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}", **JSON}
+def _as(app: Flask, sid: str) -> dict[str, str]:
+    return {"Cookie": f"{cookie_name(app)}={sid}", **JSON}
 
 
 def _directives(response: TestResponse) -> set[str]:
@@ -120,7 +116,7 @@ def test_a_public_page_that_sets_the_cookie_becomes_private(app: Flask) -> None:
 def test_deleting_the_cookie_is_private_no_store(app: Flask) -> None:
     client = app.test_client(use_cookies=False)
     sid = _sid(client.post("/session/counter"))
-    response = client.delete("/session", headers=_as(sid))
+    response = client.delete("/session", headers=_as(app, sid))
     assert response.status_code == 200
     assert _session_cookie(response) == ""
     assert _directives(response) == {"private", "no-store"}
@@ -129,13 +125,13 @@ def test_deleting_the_cookie_is_private_no_store(app: Flask) -> None:
 def test_reading_the_session_is_private(app: Flask) -> None:
     client = app.test_client(use_cookies=False)
     sid = _sid(client.post("/session/counter"))
-    response = client.get("/session/counter", headers=_as(sid))
+    response = client.get("/session/counter", headers=_as(app, sid))
     assert response.json == {"counter": 1}
     assert _session_cookie(response) is None
     assert _directives(response) == {"private"}
-    public = client.get("/public-read", headers=_as(sid))
+    public = client.get("/public-read", headers=_as(app, sid))
     assert _directives(public) == {"private", "max-age=60"}
-    stronger = client.get("/no-store-read", headers=_as(sid))
+    stronger = client.get("/no-store-read", headers=_as(app, sid))
     assert _directives(stronger) == {"private", "no-store"}
 
 
@@ -159,7 +155,7 @@ def test_409_session_ended_is_no_store_nosniff(app: Flask) -> None:
     client = app.test_client(use_cookies=False)
     for accept in (JSON, {"Accept": "text/html"}):
         sid = _sid(client.post("/session/counter"))
-        response = client.post("/ended-meanwhile", headers={"Cookie": f"session={sid}", **accept})
+        response = client.post("/ended-meanwhile", headers={**_as(app, sid), **accept})
         _assert_error_headers(response, 409)
 
 
@@ -262,7 +258,7 @@ def test_503_from_the_error_handler_is_no_store_nosniff(
     unreachable: Flask, accept: dict[str, str]
 ) -> None:
     """A view used the session, which could not be read: the error handler's 503."""
-    headers = {"Cookie": "session=from-before-the-outage", **accept}
+    headers = {"Cookie": f"{cookie_name(unreachable)}=from-before-the-outage", **accept}
     response = unreachable.test_client(use_cookies=False).get("/session/counter", headers=headers)
     _assert_error_headers(response, 503)
     assert response.headers["Retry-After"] == "5"
@@ -294,7 +290,7 @@ def test_503_while_failing_fast_has_the_same_headers(
         env.update(FIRESTORE_TIMEOUT="1")
     app = make_app(ENV="production", SECRET_KEY=SECRET, SESSION_STORE_COOLDOWN="30", **env)
     client = app.test_client(use_cookies=False)
-    headers = {"Cookie": "session=from-before-the-outage", **JSON}
+    headers = {"Cookie": f"{cookie_name(app)}=from-before-the-outage", **JSON}
     if store == "redis":
         assert server.process is not None
         os.kill(server.process.pid, signal.SIGSTOP)

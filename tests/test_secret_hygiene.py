@@ -38,6 +38,7 @@ class _Capture(logging.Handler):
     secret_key=secret_text,
     redis_password=secret_text,
     token=secret_text,
+    fallback=secret_text,
     short_key=st.booleans(),
     environment=st.sampled_from(["production", "prod", "staging", "dev", "test", "prodution", ""]),
     backend=st.sampled_from(["memory", "redis", "REDIS", "firestore", "mongo"]),
@@ -67,6 +68,7 @@ def test_secrets_never_leak(
     secret_key: str,
     redis_password: str,
     token: str,
+    fallback: str,
     short_key: bool,
     environment: str,
     backend: str,
@@ -81,6 +83,8 @@ def test_secrets_never_leak(
         "ENV": environment,
         "SESSION_STORE_BACKEND": backend,
         "SECRET_KEY": secret_key,
+        # 12 to 48 characters: too short for a deployed key, or long enough.
+        "SECRET_KEY_FALLBACKS": f"{fallback},{secret_key}",
         "REDIS_URL": url.format(pw=redis_password),
         "REDIS_SOCKET_TIMEOUT": timeout,
         "WHATSAPP_ACCESS_TOKEN": token,
@@ -112,7 +116,7 @@ def test_secrets_never_leak(
         seen.append(runner.invoke(session_store_cli, command, env=environ).output)
 
     text = "\n".join(seen)
-    for secret in (secret_key, redis_password, token):
+    for secret in (secret_key, redis_password, token, fallback):
         assert secret not in text
 
 

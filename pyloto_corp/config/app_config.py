@@ -6,9 +6,10 @@ replaced: it is used, or it is refused by name (and ``validate()`` then judges t
 
 - The extension's own keys (``SESSION_STORE_BACKEND``, ``REDIS_URL``, ``SESSION_LIFETIME``, ...,
   the environment variables' names) are read from ``app.config`` before ``os.environ``.
-- Flask's keys (``SECRET_KEY``, ``SESSION_COOKIE_*``, ``PERMANENT_SESSION_LIFETIME``) count as
-  set when they differ from Flask's defaults; such a value is used, and refused only when it
-  contradicts a value given explicitly elsewhere.
+- Flask's keys (``SECRET_KEY``, ``SECRET_KEY_FALLBACKS``, ``SESSION_COOKIE_*``,
+  ``PERMANENT_SESSION_LIFETIME``) count as set when they differ from Flask's defaults; such a
+  value is used, and refused only when it contradicts a value given explicitly elsewhere. The
+  cookie's domain and path are only read (for the ``__Host-`` rules).
 - Flask-Session's keys mean what they meant there, or are refused by name.
 """
 
@@ -26,6 +27,7 @@ from .settings import BACKENDS, REDIS, Settings, Var, backend_options
 #: Flask's key -> (Settings field, the extension's variable of the same meaning).
 FLASK_KEYS: Final = {
     "SECRET_KEY": ("secret_key", Var.SECRET_KEY),
+    "SECRET_KEY_FALLBACKS": ("secret_key_fallbacks", Var.SECRET_KEY_FALLBACKS),
     "SESSION_COOKIE_NAME": ("session_cookie_name", Var.SESSION_COOKIE_NAME),
     "SESSION_COOKIE_SECURE": ("session_cookie_secure", Var.SESSION_COOKIE_SECURE),
     "SESSION_COOKIE_HTTPONLY": ("session_cookie_httponly", Var.SESSION_COOKIE_HTTPONLY),
@@ -152,6 +154,8 @@ def _with_flask_keys(
             continue
         if key == "PERMANENT_SESSION_LIFETIME" and isinstance(value, int):
             value = timedelta(seconds=value)
+        if key == "SECRET_KEY_FALLBACKS":
+            value = _fallbacks(value)
         current = getattr(settings, field)
         if current == value:
             continue
@@ -162,6 +166,7 @@ def _with_flask_keys(
             )
             continue
         changes[field] = value
+    changes.update(_cookie_scope(config, settings))
     if config.get("SESSION_REFRESH_EACH_REQUEST") is False:
         problems.append(
             "app.config['SESSION_REFRESH_EACH_REQUEST']=False is not supported: reading a "
@@ -169,6 +174,25 @@ def _with_flask_keys(
             "written only when the session changes; remove the setting."
         )
     return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def _fallbacks(value: Any) -> Any:
+    """``app.config['SECRET_KEY_FALLBACKS']`` as a tuple when it is a list or tuple; anything
+    else (a string Flask would read one character at a time) as it is, for validation to name."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _cookie_scope(config: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The host's cookie domain and path (Flask's keys, used as they are), for the ``__Host-``
+    rules; a path left unset follows ``APPLICATION_ROOT``, as Flask's does."""
+    domain = config.get("SESSION_COOKIE_DOMAIN") or None
+    path = config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/"
+    scope: dict[str, Any] = {}
+    if domain is not None and domain != settings.session_cookie_domain:
+        scope["session_cookie_domain"] = domain
+    if path != "/" and path != settings.session_cookie_path:
+        scope["session_cookie_path"] = path
+    return scope
 
 
 def _check_flask_session_keys(config: Mapping[str, Any], problems: list[str]) -> None:

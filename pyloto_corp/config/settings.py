@@ -32,6 +32,7 @@ class Var:
     K_SERVICE: Final = "K_SERVICE"
     GOOGLE_CLOUD_PROJECT: Final = "GOOGLE_CLOUD_PROJECT"
     SECRET_KEY: Final = "SECRET_KEY"  # noqa: S105 - a variable name, not a secret
+    SECRET_KEY_FALLBACKS: Final = "SECRET_KEY_FALLBACKS"  # noqa: S105 - a variable name
     SESSION_STORE_BACKEND: Final = "SESSION_STORE_BACKEND"
     SESSION_STORE_COOLDOWN: Final = "SESSION_STORE_COOLDOWN"
     SESSION_LIFETIME: Final = "SESSION_LIFETIME"
@@ -92,6 +93,17 @@ MAX_LIFETIME: Final = timedelta(days=400)
 #: Idle timeout of a session without a user, unless SESSION_ANONYMOUS_LIFETIME says otherwise.
 DEFAULT_ANONYMOUS_LIFETIME: Final = timedelta(minutes=30)
 REDACTED: Final = "***"
+#: Flask's cookie name, and the session cookie's name wherever it cannot be a host cookie.
+DEFAULT_COOKIE_NAME: Final = "session"
+#: Browsers keep a cookie named so only when it is Secure, has ``Path=/`` and no ``Domain``
+#: (RFC 6265bis): no sibling subdomain and no plain-HTTP answer can set or replace it.
+HOST_PREFIX: Final = "__Host-"
+#: Browsers keep a cookie named so only when it is Secure.
+SECURE_PREFIX: Final = "__Secure-"
+#: The session cookie's name when deployed, unless SESSION_COOKIE_NAME says otherwise.
+DEFAULT_HOST_COOKIE_NAME: Final = HOST_PREFIX + DEFAULT_COOKIE_NAME
+#: Separates the keys of SECRET_KEY_FALLBACKS in the environment (generated keys never hold it).
+FALLBACKS_SEPARATOR: Final = ","
 #: RFC 6265 cookie-name token: visible ASCII except separators.
 _COOKIE_NAME_SEPARATORS: Final = frozenset('()<>@,;:\\"/[]?={} \t')
 
@@ -139,6 +151,25 @@ def is_cookie_name(name: str) -> bool:
     )
 
 
+def has_prefix(name: str, prefix: str) -> bool:
+    """Whether a cookie name carries ``prefix`` as browsers match it (case-insensitively)."""
+    return name[: len(prefix)].lower() == prefix.lower()
+
+
+def previous_cookie_name(name: str) -> str | None:
+    """The name a ``__Host-`` session cookie had before it took the prefix (``__Host-session``
+    -> ``session``): read when a request carries only that one, so the upgrade logs no one out."""
+    if has_prefix(name, HOST_PREFIX) and len(name) > len(HOST_PREFIX):
+        return name[len(HOST_PREFIX) :]
+    return None
+
+
+def split_fallbacks(value: str) -> tuple[str, ...]:
+    """SECRET_KEY_FALLBACKS from the environment: comma-separated keys, spaces around each
+    trimmed, empty entries ignored (``SECRET_KEY_FALLBACKS=`` means none)."""
+    return tuple(key.strip() for key in value.split(FALLBACKS_SEPARATOR) if key.strip())
+
+
 def is_weak_secret(key: str | bytes) -> bool:
     """Obviously guessable: fewer than 8 different characters, or one pattern repeated (a unit of
     at most half the key, ``'ab' * 16``, ``'changeme' * 4``). Not a strength estimate: a key
@@ -153,6 +184,10 @@ def backend_options(backend: str) -> type[StoreOptions]:
     module = importlib.import_module(f"pyloto_corp.records.{backend}")
     options: type[StoreOptions] = module.Options
     return options
+
+
+def _fallbacks(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else split_fallbacks(value)
 
 
 class _MappingEnv(Env):
@@ -191,6 +226,9 @@ class Settings:
     google_cloud_project: str | None = None
     session_store_backend: str = MEMORY
     secret_key: str | bytes | None = None
+    #: Earlier keys, still accepted where something was signed or derived under them (Flask's
+    #: ``SECRET_KEY_FALLBACKS``; keyed state finds its entries under them). Newest first.
+    secret_key_fallbacks: tuple[str | bytes, ...] = ()
     #: Idle timeout: a session not used for this long expires (sliding on every use).
     session_lifetime: timedelta = timedelta(hours=12)
     #: Idle timeout of a session without a user (no ``SESSION_USER_KEY``): None means 30 minutes,
@@ -216,11 +254,18 @@ class Settings:
     session_store_cooldown: float = 1.0
     #: Live sessions one user may have; a login beyond it ends that user's oldest (0: no cap).
     session_max_per_user: int = 1000
-    session_cookie_name: str = "session"
+    #: None: ``__Host-session`` when deployed (when the cookie can be a host cookie, see
+    #: :attr:`cookie_name`), else ``session``.
+    session_cookie_name: str | None = None
     #: ``None`` means "safe default": ``True`` when deployed (staging, production, Cloud Run).
     session_cookie_secure: bool | None = None
     session_cookie_httponly: bool = True
     session_cookie_samesite: str | None = "Lax"
+    #: Flask's ``SESSION_COOKIE_DOMAIN`` and the cookie's path (``SESSION_COOKIE_PATH``, else
+    #: ``APPLICATION_ROOT``), as the host app configured them: no variable of ours sets them;
+    #: ``init_app`` reads them from ``app.config`` so the ``__Host-`` rules are checked here.
+    session_cookie_domain: str | None = None
+    session_cookie_path: str = "/"
     #: Proxies in front of the app whose X-Forwarded-For/-Proto headers are trusted (None: 1 on
     #: Cloud Run, whose front end terminates TLS; 0 elsewhere, where such headers may be forged).
     trusted_proxy_hops: int | None = None
@@ -236,6 +281,9 @@ class Settings:
         set_(self, "environment", normalise_environment(self.environment))
         set_(self, "session_store_backend", _normalise(self.session_store_backend))
         set_(self, "session_cookie_samesite", normalise_samesite(self.session_cookie_samesite))
+        fallbacks: Any = self.secret_key_fallbacks  # as given: validate() names anything else
+        if isinstance(fallbacks, list):
+            set_(self, "secret_key_fallbacks", tuple(fallbacks))
         if self.store is None and self.session_store_backend in BACKENDS:
             set_(self, "store", backend_options(self.session_store_backend)())
 
@@ -252,6 +300,7 @@ class Settings:
             "google_cloud_project": env.str(Var.GOOGLE_CLOUD_PROJECT, None) or None,
             "session_store_backend": backend,
             "secret_key": env.str(Var.SECRET_KEY, None),
+            "secret_key_fallbacks": _fallbacks(env.str(Var.SECRET_KEY_FALLBACKS, None)),
             "session_lifetime": env.timedelta(Var.SESSION_LIFETIME, None),
             "session_absolute_lifetime": env.timedelta(Var.SESSION_ABSOLUTE_LIFETIME, None),
             "session_anonymous_lifetime": env.timedelta(Var.SESSION_ANONYMOUS_LIFETIME, None),
@@ -330,6 +379,21 @@ class Settings:
         if self.session_cookie_secure is None:
             return self.is_deployed
         return self.session_cookie_secure
+
+    @property
+    def cookie_name(self) -> str:
+        """The effective session cookie name: SESSION_COOKIE_NAME when set; else, when
+        deployed, ``__Host-session`` (unless the host app's domain or path rules it out: then
+        ``session``, and :meth:`advice` says why); ``session`` elsewhere."""
+        if self.session_cookie_name is not None:
+            return self.session_cookie_name
+        if self.is_deployed and self._host_cookie_possible:
+            return DEFAULT_HOST_COOKIE_NAME
+        return DEFAULT_COOKIE_NAME
+
+    @property
+    def _host_cookie_possible(self) -> bool:
+        return not self.session_cookie_domain and self.session_cookie_path == "/"
 
     @property
     def trace_project(self) -> str | None:
@@ -429,21 +493,37 @@ class Settings:
         return problems
 
     def _secret_key_problems(self) -> list[str]:
+        fallbacks: Any = self.secret_key_fallbacks
+        if not isinstance(fallbacks, tuple) or not all(
+            isinstance(key, str | bytes) for key in fallbacks
+        ):
+            # Never the value. A string would be read by Flask one character at a time.
+            return [
+                f"{Var.SECRET_KEY_FALLBACKS} must be a list of keys (strings or bytes); in the "
+                "environment, separate them with commas."
+            ]
         if not self.is_deployed:
             return []
-        if not self.secret_key:
+        problems = self._key_problems(Var.SECRET_KEY, self.secret_key)
+        for number, key in enumerate(fallbacks, start=1):
+            problems += self._key_problems(f"{Var.SECRET_KEY_FALLBACKS} entry {number}", key)
+        return problems
+
+    def _key_problems(self, name: str, key: str | bytes | None) -> list[str]:
+        """The deployed rules of one key; ``name`` says which (never its value)."""
+        if not key:
             return [
-                f"{Var.SECRET_KEY} is required {self.where()}; generate one with "
+                f"{name} is required {self.where()}; generate one with "
                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'."
             ]
-        if len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
+        if len(key) < MIN_SECRET_KEY_LENGTH:
             return [
-                f"{Var.SECRET_KEY} is too short {self.where()}: it needs at least "
+                f"{name} is too short {self.where()}: it needs at least "
                 f"{MIN_SECRET_KEY_LENGTH} characters."
             ]
-        if is_weak_secret(self.secret_key):
+        if is_weak_secret(key):
             return [
-                f"{Var.SECRET_KEY} is too weak {self.where()}: it repeats a short pattern or uses "
+                f"{name} is too weak {self.where()}: it repeats a short pattern or uses "
                 f"fewer than {MIN_SECRET_KEY_DISTINCT} different characters; generate one with "
                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'."
             ]
@@ -451,7 +531,7 @@ class Settings:
 
     def _cookie_problems(self) -> list[str]:
         problems: list[str] = []
-        if not is_cookie_name(self.session_cookie_name):
+        if not is_cookie_name(self.cookie_name):
             problems.append(
                 f"{Var.SESSION_COOKIE_NAME} must be a cookie name: printable ASCII letters, "
                 "digits and !#$%&'*+-.^_`|~ only (no spaces, ';', ',', '=' or quotes); browsers "
@@ -460,6 +540,7 @@ class Settings:
         samesite = self.session_cookie_samesite
         if samesite is not None and samesite not in SAMESITE_VALUES:
             problems.append(f"{Var.SESSION_COOKIE_SAMESITE} is not valid; use Lax, Strict or None.")
+        problems += self._prefix_problems()
         if not self.is_deployed:
             return problems
         where = self.where()
@@ -477,6 +558,34 @@ class Settings:
             problems.append(f"{Var.SESSION_COOKIE_SAMESITE} must be Lax or Strict {where}.")
         return problems
 
+    def _prefix_problems(self) -> list[str]:
+        """A ``__Host-``/``__Secure-`` name the browser would drop, in any environment (a
+        cookie that is never kept is a session that never sticks)."""
+        name, problems = self.cookie_name, []
+        host, secure = has_prefix(name, HOST_PREFIX), has_prefix(name, SECURE_PREFIX)
+        if host and self.session_cookie_domain:
+            problems.append(
+                f"{Var.SESSION_COOKIE_NAME} starts with {HOST_PREFIX}, and SESSION_COOKIE_DOMAIN "
+                "is set: browsers drop such a cookie (it must have no Domain); remove "
+                "SESSION_COOKIE_DOMAIN, or choose a name without the prefix."
+            )
+        if host and self.session_cookie_path != "/":
+            problems.append(
+                f"{Var.SESSION_COOKIE_NAME} starts with {HOST_PREFIX}, and the cookie's path "
+                "(SESSION_COOKIE_PATH, else APPLICATION_ROOT) is not /: browsers drop such a "
+                "cookie; set SESSION_COOKIE_PATH to /, or choose a name without the prefix."
+            )
+        # Deployed, an insecure cookie is refused by _cookie_problems already.
+        if (host or secure) and not self.cookie_secure and not self.is_deployed:
+            prefix = HOST_PREFIX if host else SECURE_PREFIX
+            problems.append(
+                f"{Var.SESSION_COOKIE_NAME} starts with {prefix}, and {Var.SESSION_COOKIE_SECURE} "
+                "is false: browsers drop such a cookie; set SESSION_COOKIE_SECURE=true "
+                "(browsers keep Secure cookies from http://localhost), or choose a name without "
+                "the prefix."
+            )
+        return problems
+
     @property
     def session_service(self) -> str | None:
         """The service whose sessions these are, stamped into each record and checked on read:
@@ -489,8 +598,9 @@ class Settings:
 
     def advice(self) -> list[str]:
         """What works but deserves a look (logged at init, printed by ``check``); pure."""
+        advice = self._cookie_name_advice()
         if self.on_cloud_run and self.session_key_prefix == DEFAULT_KEY_PREFIX:
-            return [
+            advice += [
                 f"{Var.SESSION_KEY_PREFIX} is the default {DEFAULT_KEY_PREFIX!r} on Cloud Run: "
                 "each service's sessions are stamped with its name and another's are refused, "
                 "but they still share one 'log out everywhere' index; give each service its "
@@ -498,7 +608,19 @@ class Settings:
                 f"{self.cloud_run_service}:) before its first deploy (changing it later ends "
                 "the sessions stored under the old prefix)."
             ]
-        return []
+        return advice
+
+    def _cookie_name_advice(self) -> list[str]:
+        if self.session_cookie_name is not None or not self.is_deployed:
+            return []
+        if self._host_cookie_possible:
+            return []
+        return [
+            f"The session cookie is named {DEFAULT_COOKIE_NAME!r}, not "
+            f"{DEFAULT_HOST_COOKIE_NAME!r}: SESSION_COOKIE_DOMAIN or a cookie path other than / "
+            "is set, and browsers keep a __Host- cookie only without both, so a sibling "
+            f"subdomain can set this one; set {Var.SESSION_COOKIE_NAME} to choose the name."
+        ]
 
     # -- display (never a secret) ----------------------------------------------------------------
 
@@ -520,6 +642,7 @@ class Settings:
             Var.GOOGLE_CLOUD_PROJECT: self.google_cloud_project,
             Var.SESSION_STORE_BACKEND: choice(self.session_store_backend, BACKENDS),
             Var.SECRET_KEY: secret(self.secret_key),
+            Var.SECRET_KEY_FALLBACKS: self._redacted_fallbacks(),
             Var.SESSION_LIFETIME: int(self.session_lifetime.total_seconds()),
             Var.SESSION_ABSOLUTE_LIFETIME: int(self.session_absolute_lifetime.total_seconds()),
             Var.SESSION_ANONYMOUS_LIFETIME: int(self.anonymous_lifetime.total_seconds()),
@@ -535,9 +658,7 @@ class Settings:
             Var.SESSION_ROTATE_ON_LOGIN: self.session_rotate_on_login,
             Var.SESSION_STORE_COOLDOWN: self.session_store_cooldown,
             Var.SESSION_MAX_PER_USER: self.session_max_per_user,
-            Var.SESSION_COOKIE_NAME: text(
-                self.session_cookie_name, is_cookie_name(self.session_cookie_name)
-            ),
+            Var.SESSION_COOKIE_NAME: text(self.cookie_name, is_cookie_name(self.cookie_name)),
             Var.SESSION_COOKIE_SECURE: self.cookie_secure,
             Var.SESSION_COOKIE_HTTPONLY: self.session_cookie_httponly,
             Var.SESSION_COOKIE_SAMESITE: choice(
@@ -549,6 +670,13 @@ class Settings:
         if self.store is not None:
             values.update(self.store.redacted(self))
         return values
+
+    def _redacted_fallbacks(self) -> list[str] | str | None:
+        """One ``***`` per key (how many there are is no secret), None when there are none."""
+        fallbacks: Any = self.secret_key_fallbacks
+        if not isinstance(fallbacks, tuple):
+            return INVALID
+        return [REDACTED] * len(fallbacks) or None
 
     def __repr__(self) -> str:
         body = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())

@@ -29,6 +29,7 @@ from flask import Flask, Request, Response, after_this_request, jsonify, request
 from flask.sessions import SessionMixin
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
+from ..config.settings import previous_cookie_name
 from ..errors import (
     LeaseLost,
     SessionGone,
@@ -61,8 +62,11 @@ T = TypeVar("T")
 RETRY_AFTER_SECONDS = 5
 #: Session key holding the Cloud Run service that wrote it (``Settings.session_service``).
 SERVICE = "_service"
+#: Session key set in every record written while the cookie is a ``__Host-`` one: such a session
+#: is never taken from the cookie's previous name (see :meth:`StoreInterface.open_session`).
+HOST_COOKIE = "_host"
 #: Keys the extension and Flask-Session keep; a session holding only these is empty.
-INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE})
+INTERNAL_KEYS = frozenset({"_permanent", CREATED_AT, SERVICE, USER_SINCE, HOST_COOKIE})
 #: Store ids whose user this process remembers, so that the read of a logged-in session fetches
 #: its user's revocation mark in the same round trip (beyond it the memory is dropped, cheaply).
 OWNERS_REMEMBERED = 10_000
@@ -116,7 +120,8 @@ class StoreSession(ServerSideSession):
     ``owner`` is the user the stored record belonged to (``SESSION_USER_KEY``) when it was read;
     ``retired`` is the marker found when the cookie's id was retired by a login or a logout;
     ``sent`` is what the browser's cookie already says (id, permanence, creation time), so a
-    response never sends the same cookie again.
+    response never sends the same cookie again; ``moved_from`` is the cookie's previous name
+    when the browser sent the session under that one only (it gets the new one instead).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class StoreSession(ServerSideSession):
         self.owner = owner
         self.retired = retired
         self.sent = self.cookie_state() if stored is not None else None
+        self.moved_from: str | None = None
 
     def cookie_state(self) -> tuple[str, object, object]:
         """What the session cookie says: its value and what its expiry is computed from."""
@@ -333,9 +339,23 @@ class StoreInterface(ServerSideSessionInterface):
     # -- reading -----------------------------------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
-        sid = request.cookies.get(self.get_cookie_name(app))
+        """The session the cookie names. A ``__Host-`` cookie absent, the cookie of its
+        previous name is read instead (``session`` for ``__Host-session``), so that the upgrade
+        logs no one out: its session is kept and moves to the new cookie. Only a session
+        stored before the upgrade moves so (one written since carries :data:`HOST_COOKIE`):
+        a sibling subdomain can set the old cookie, which is what the prefix is there to stop."""
+        name = self.get_cookie_name(app)
+        sid = request.cookies.get(name)
         if not sid:
-            return self.new_session()
+            previous = previous_cookie_name(name)
+            sid = request.cookies.get(previous) if previous is not None else None
+            if not sid:
+                return self.new_session()
+            assert previous is not None
+            return self._open(app, sid, moved_from=previous)
+        return self._open(app, sid)
+
+    def _open(self, app: Flask, sid: str, moved_from: str | None = None) -> StoreSession:
         store_id = self.store_id(sid)
         try:
             with self.breaker.guard():
@@ -343,10 +363,17 @@ class StoreInterface(ServerSideSessionInterface):
                 record = self.records.read(store_id, self.idle_lifetime(app, sid), user)
                 if isinstance(record, Retired):
                     if record.live:
-                        return self.session_class(sid=sid, retired=record)
+                        return _moved(self.session_class(sid=sid, retired=record), moved_from)
                     record = None
                 data = None if record is None else self.decode(record, store_id)
                 if data is not None and not self._is_ours(data, store_id):
+                    data = None
+                if data is not None and moved_from is not None and data.get(HOST_COOKIE):
+                    logger.warning(
+                        "Ignored session %s sent under the session cookie's previous name: it "
+                        "was written since the cookie took the __Host- prefix",
+                        store_id,
+                    )
                     data = None
                 owner = None if data is None else self.user_of(data)
                 if record is not None and data is not None and owner is not None:
@@ -360,7 +387,7 @@ class StoreInterface(ServerSideSessionInterface):
             return stand_in
         if record is None or data is None:
             return self.new_session()
-        return self.session_class(data, sid=sid, stored=record, owner=owner)
+        return _moved(self.session_class(data, sid=sid, stored=record, owner=owner), moved_from)
 
     def new_session(self) -> StoreSession:
         sid = ANONYMOUS_SID_MARK + self._generate_sid(self.sid_length)  # no user yet
@@ -448,6 +475,8 @@ class StoreInterface(ServerSideSessionInterface):
         try:
             with self.breaker.guard(admit=writes):
                 self._write(app, session, response)
+            if session.moved_from is not None:
+                self._move_cookie(app, session, response)
         except SessionStoreUnavailable:
             _replace(response, unavailable_response())
         except SessionGone:
@@ -508,6 +537,8 @@ class StoreInterface(ServerSideSessionInterface):
             dict.__setitem__(session, CREATED_AT, int(time.time()))
         if self.service is not None and SERVICE not in session:
             dict.__setitem__(session, SERVICE, self.service)
+        if HOST_COOKIE not in session and previous_cookie_name(self.get_cookie_name(app)):
+            dict.__setitem__(session, HOST_COOKIE, True)
         self._stamp_user(session)
         fields = self.encode(session)
         rewritten = session.stored is None
@@ -644,10 +675,19 @@ class StoreInterface(ServerSideSessionInterface):
         )
         response.vary.add("Cookie")
         _keep_private(response, no_store=True)
+        session.sent = session.cookie_state()
 
-    def _delete_cookie(self, app: Flask, response: Response) -> None:
+    def _move_cookie(self, app: Flask, session: StoreSession, response: Response) -> None:
+        """The browser sent this session under the cookie's previous name: it gets the cookie
+        of the new name (unless the session ended) and the old one is deleted."""
+        assert session.moved_from is not None
+        if session and session.retired is None and session.cookie_state() != session.sent:
+            self._set_cookie(app, session, response)
+        self._delete_cookie(app, response, session.moved_from)
+
+    def _delete_cookie(self, app: Flask, response: Response, name: str | None = None) -> None:
         response.delete_cookie(
-            self.get_cookie_name(app),
+            name or self.get_cookie_name(app),
             domain=self.get_cookie_domain(app),
             path=self.get_cookie_path(app),
             secure=self.get_cookie_secure(app),
@@ -760,6 +800,16 @@ SESSION_ENDED_MESSAGE = (
     "The session ended (signed out or signed in elsewhere) while this request ran; "
     "its changes were not saved."
 )
+
+
+def _moved(session: StoreSession, moved_from: str | None) -> StoreSession:
+    """A session the browser sent under the cookie's previous name, if ``moved_from`` is one:
+    its cookie is set under the new name (the browser holds none yet) and the old one deleted
+    (see ``save_session``). A retired id stays retired: no cookie is set for it."""
+    if moved_from is not None:
+        session.moved_from = moved_from
+        session.sent = None
+    return session
 
 
 def _unproxied(session: object) -> StoreSession:

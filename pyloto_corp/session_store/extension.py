@@ -219,8 +219,11 @@ def _configure_flask(app: Flask, settings: Settings) -> None:
                 settings.environment,
             )
         app.config["SECRET_KEY"] = secret_key
+    if not app.config.get("SECRET_KEY_FALLBACKS") and settings.secret_key_fallbacks:
+        # Flask 3.1 verifies its signatures (and keyed state finds its entries) under these too.
+        app.config["SECRET_KEY_FALLBACKS"] = list(settings.secret_key_fallbacks)
     app.config.update(
-        SESSION_COOKIE_NAME=settings.session_cookie_name,
+        SESSION_COOKIE_NAME=settings.cookie_name,
         SESSION_COOKIE_SECURE=settings.cookie_secure,
         SESSION_COOKIE_HTTPONLY=settings.session_cookie_httponly,
         SESSION_COOKIE_SAMESITE=settings.session_cookie_samesite,

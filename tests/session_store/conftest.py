@@ -18,7 +18,7 @@ from pyloto_corp.records.redis import scripts as redis_scripts
 from pyloto_corp.records.redis import store as redis_store
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import Retired
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import DEPLOYED_COOKIE, LOCAL_COOKIE, SECRET, MakeApp
 
 
 @dataclass
@@ -193,9 +193,14 @@ def backend(request: pytest.FixtureRequest, make_app: MakeApp) -> Harness:
 
 
 def sid_of(response: TestResponse) -> str:
-    header = response.headers.get("Set-Cookie", "")
-    assert header.startswith("session="), header
-    return header.split(";", 1)[0].split("=", 1)[1]
+    """The session id the response's session cookie sets (``__Host-session`` when deployed,
+    ``session`` elsewhere)."""
+    headers = response.headers.getlist("Set-Cookie")
+    for header in headers:
+        name, _, rest = header.partition("=")
+        if name in (DEPLOYED_COOKIE, LOCAL_COOKIE):
+            return rest.split(";", 1)[0]
+    raise AssertionError(f"no session cookie set: {headers}")
 
 
 @pytest.fixture(params=sorted(set(HARNESSES) - {"memory"}))

@@ -29,7 +29,7 @@ from pyloto_corp import Settings
 from pyloto_corp.errors import SessionStoreNotAnswering, SessionStoreUnavailable
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.breaker import Breaker
-from tests.conftest import SECRET, MakeApp, redis_production_env
+from tests.conftest import DEPLOYED_COOKIE, SECRET, MakeApp, redis_production_env
 from tests.services import Gunicorn, RedisServer, free_port
 
 TIMEOUT = 1.0
@@ -63,11 +63,12 @@ def _timed(call: Callable[[], TestResponse]) -> tuple[TestResponse, float]:
 
 def _sid(response: TestResponse) -> str:
     cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith(f"{DEPLOYED_COOKIE}="), cookie
     return cookie.split(";", 1)[0].split("=", 1)[1]
 
 
 def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}", **JSON}
+    return {"Cookie": f"{DEPLOYED_COOKIE}={sid}", **JSON}
 
 
 def _client(app: Flask) -> FlaskClient:

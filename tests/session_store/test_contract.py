@@ -16,7 +16,7 @@ from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store import SessionStore, rotate_session_id
 from pyloto_corp.session_store.base import ANONYMOUS_SID_MARK
-from tests.conftest import MakeApp
+from tests.conftest import MakeApp, cookie_name
 from tests.session_store.conftest import HARNESSES, Harness, sid_of
 
 
@@ -47,11 +47,11 @@ def test_logout_deletes_the_stored_session_and_the_cookie(backend: Harness) -> N
     client = app.test_client()
     sid = sid_of(client.post("/session/counter"))
     response = client.delete("/session")
-    assert "session=;" in response.headers["Set-Cookie"]
+    assert f"{cookie_name(app)}=;" in response.headers["Set-Cookie"]
     assert backend.read_raw(app, backend.store_id(app, sid)) is None
     # The old cookie, replayed, opens an empty session.
     replay = app.test_client()
-    replay.set_cookie("session", sid)
+    replay.set_cookie(cookie_name(app), sid)
     assert replay.get("/session/counter").json == {"counter": 0}
 
 
@@ -75,7 +75,7 @@ def test_regenerate_moves_the_session_to_a_new_id(backend: Harness) -> None:
 def test_unknown_cookie_gets_a_fresh_session(backend: Harness, cookie: str) -> None:
     app = backend.make()
     client = app.test_client()
-    client.set_cookie("session", cookie)
+    client.set_cookie(cookie_name(app), cookie)
     assert client.get("/session/counter").json == {"counter": 0}
     response = client.post("/session/counter")
     assert response.json == {"counter": 1}
@@ -202,14 +202,14 @@ def _logged_out_meanwhile(app: Flask, gate: _Gate, sid: str, path: str) -> TestR
 
     def held() -> None:
         other = app.test_client()
-        other.set_cookie("session", sid)
+        other.set_cookie(cookie_name(app), sid)
         results["response"] = other.post(path, headers={"Accept": "application/json"})
 
     thread = threading.Thread(target=held)
     thread.start()
     assert gate.reached.wait(10)
     logout = app.test_client()
-    logout.set_cookie("session", sid)
+    logout.set_cookie(cookie_name(app), sid)
     logout.delete("/session")
     gate.opened.set()
     thread.join(10)
@@ -274,7 +274,7 @@ def test_concurrent_changes_to_different_keys_all_land(backend: Harness) -> None
 
     def writer(n: int) -> None:
         worker = app.test_client()
-        worker.set_cookie("session", sid)
+        worker.set_cookie(cookie_name(app), sid)
         statuses.extend(worker.post(f"/put/k{n}_{i}").status_code for i in range(5))
 
     _in_threads(6, writer)
@@ -294,7 +294,7 @@ def test_the_same_key_changed_at_once_ends_as_one_of_the_written_values(
 
     def writer(n: int) -> None:
         worker = app.test_client()
-        worker.set_cookie("session", sid)
+        worker.set_cookie(cookie_name(app), sid)
         assert worker.post(f"/put/shared?value={values[n]}").status_code == 200
 
     _in_threads(6, writer)
@@ -311,7 +311,7 @@ def test_logout_racing_slow_writers_never_resurrects(backend: Harness) -> None:
 
         def writer(n: int, sid: str = sid, statuses: list[int] = statuses) -> None:
             worker = app.test_client()
-            worker.set_cookie("session", sid)
+            worker.set_cookie(cookie_name(app), sid)
             if n == 0:
                 time.sleep(0.01)
                 statuses.append(worker.delete("/session").status_code)
@@ -322,7 +322,7 @@ def test_logout_racing_slow_writers_never_resurrects(backend: Harness) -> None:
         assert set(statuses) <= {200, 409}
         assert backend.read_raw(app, backend.store_id(app, sid)) is None
         replay = app.test_client()
-        replay.set_cookie("session", sid)
+        replay.set_cookie(cookie_name(app), sid)
         assert replay.get("/all").json == {}
 
 
@@ -335,7 +335,7 @@ def test_rotation_racing_a_write_never_brings_the_old_id_back(backend: Harness) 
 
     def request(n: int) -> None:
         worker = app.test_client()
-        worker.set_cookie("session", old)
+        worker.set_cookie(cookie_name(app), old)
         if n == 0:
             time.sleep(0.005)
             response = worker.post("/session/login", json={"user": "ana"})
@@ -349,7 +349,7 @@ def test_rotation_racing_a_write_never_brings_the_old_id_back(backend: Harness) 
     assert results["write"] in (200, 409)
     assert backend.read_raw(app, backend.store_id(app, old)) is None
     after = app.test_client()
-    after.set_cookie("session", new)
+    after.set_cookie(cookie_name(app), new)
     data = after.get("/all").json
     assert data is not None
     assert data["user"] == "ana"
@@ -374,7 +374,7 @@ def test_login_rotates_the_id_and_deletes_the_old_one(backend: Harness) -> None:
 def test_login_on_an_empty_session_still_issues_a_new_id(backend: Harness) -> None:
     app = backend.make()
     client = app.test_client()
-    client.set_cookie("session", "planted-by-an-attacker")
+    client.set_cookie(cookie_name(app), "planted-by-an-attacker")
     sid = sid_of(client.post("/session/login", json={"user": "ana"}))
     assert sid != "planted-by-an-attacker"
     assert backend.read_raw(app, backend.store_id(app, sid)) is not None
@@ -482,7 +482,7 @@ def test_the_size_limit_holds_for_the_merged_record(
 
     def writer(n: int) -> None:
         worker = app.test_client()
-        worker.set_cookie("session", sid)
+        worker.set_cookie(cookie_name(app), sid)
         time.sleep(0.01 * n)  # the second loads before the first writes, writes after it
         statuses.append(worker.post(f"/put/big{n}?value={'x' * 2500}").status_code)
 

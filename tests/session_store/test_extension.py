@@ -15,7 +15,7 @@ from pyloto_corp.records.firestore import FirestoreRecords
 from pyloto_corp.records.memory import MemoryRecords
 from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import EXTENSION_KEY
-from tests.conftest import SECRET
+from tests.conftest import SECRET, cookie_name
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer, free_port
 
@@ -224,7 +224,7 @@ def test_a_valkey_py_clients_errors_are_a_503_not_a_500() -> None:
     SessionStore(app, client=down)
     _user_routes(app)
     probe = app.test_client()
-    probe.set_cookie("session", "x" * 43)
+    probe.set_cookie(cookie_name(app), "x" * 43)
     response = probe.get("/get", headers={"Accept": "application/json"})
     assert response.status_code == 503
 

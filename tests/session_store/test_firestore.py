@@ -22,7 +22,7 @@ from pyloto_corp.session_store import (
     user_sessions,
 )
 from pyloto_corp.session_store.base import hashed_store_id
-from tests.conftest import MakeApp
+from tests.conftest import DEPLOYED_COOKIE, MakeApp, cookie_name
 from tests.firestore_operations import counting_document_operations
 from tests.services import free_port
 from tests.session_store.conftest import user_routes
@@ -46,11 +46,12 @@ def sessions(firestore_client: firestore.Client) -> firestore.CollectionReferenc
 
 
 def _sid(header: str) -> str:
+    assert header.startswith(f"{DEPLOYED_COOKIE}="), header
     return header.split(";", 1)[0].split("=", 1)[1]
 
 
 def _sid_of(client: FlaskClient) -> str:
-    cookie = client.get_cookie("session")
+    cookie = client.get_cookie(DEPLOYED_COOKIE)
     assert cookie is not None
     return cookie.value
 
@@ -80,8 +81,8 @@ def test_document_fields(app: Flask, sessions: firestore.CollectionReference) ->
     document = _doc(sessions, sid)
     assert document is not None
     assert set(document) == {"fields", "expires_at", "updated_at"}
-    # One map entry per session key, each its encoded value.
-    assert set(document["fields"]) == {"_created_at", "counter"}
+    # One map entry per session key, each its encoded value (_host: under a __Host- cookie).
+    assert set(document["fields"]) == {"_created_at", "_host", "counter"}
     assert codec.unpack_value(document["fields"]["counter"]) == 1
     expected = before + timedelta(hours=1)
     assert timedelta(0) <= document["expires_at"] - expected < timedelta(seconds=5)
@@ -215,7 +216,7 @@ def test_a_second_instance_reads_the_session(
     client = first.test_client()
     sid = _sid(client.post("/session/counter").headers["Set-Cookie"])
     other = second.test_client()
-    other.set_cookie("session", sid)
+    other.set_cookie(cookie_name(second), sid)
     assert other.get("/session/counter").json == {"counter": 1}
 
 
@@ -228,7 +229,7 @@ def test_unreachable_firestore_answers_503_fast_and_logs_once(
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     app = make_app(**firestore_env, FIRESTORE_TIMEOUT="1")
     client = app.test_client()
-    client.set_cookie("session", "some-session-id")
+    client.set_cookie(cookie_name(app), "some-session-id")
     started = time.monotonic()
     response = client.get("/session/counter", headers={"Accept": "application/json"})
     assert time.monotonic() - started < 3
@@ -271,7 +272,7 @@ def test_a_blob_written_by_the_previous_release_mid_request_never_wipes_the_sess
     assert client.post("/late").status_code == 200
     document = _doc(sessions, sid)
     assert document is not None
-    assert set(document[FIELDS]) == {"_created_at", "counter", "late"}
+    assert set(document[FIELDS]) == {"_created_at", "_host", "counter", "late"}
     assert client.get("/session/counter").json == {"counter": 1}
 
 
@@ -321,7 +322,7 @@ def test_services_sharing_a_collection_list_and_revoke_only_their_own_sessions(
             {"fields": packed, "expires_at": expires_at, "updated_at": expires_at, "user": "ana"}
         )
     old_a = service_a.test_client()
-    old_a.set_cookie("session", "old-a")
+    old_a.set_cookie(cookie_name(service_a), "old-a")
 
     def handles(store_ids: list[str]) -> set[str]:
         return {handle_of(store_id) for store_id in store_ids}
@@ -354,7 +355,7 @@ def test_a_login_marker_of_the_previous_release_is_still_honoured(
         {"expires_at": datetime.now(UTC) + timedelta(minutes=2), "retired_to": None}
     )
     client = app.test_client()
-    client.set_cookie("session", "pre-login-id")
+    client.set_cookie(cookie_name(app), "pre-login-id")
     response = client.post("/session/counter", headers={"Accept": "application/json"})
     assert response.status_code == 409
     assert "Set-Cookie" not in response.headers

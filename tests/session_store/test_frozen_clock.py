@@ -15,7 +15,7 @@ from google.cloud import firestore
 from werkzeug.test import TestResponse
 
 from pyloto_corp.session_store.base import hashed_store_id
-from tests.conftest import MakeApp
+from tests.conftest import MakeApp, cookie_name
 from tests.services import free_port
 
 PAST = "2020-01-01 12:00:00"
@@ -77,11 +77,11 @@ def test_the_id_a_login_left_behind_still_refuses_changes_under_a_frozen_clock(
     with freeze_time(when):
         client = any_app.test_client()
         client.post("/session/counter")
-        cookie = client.get_cookie("session")
+        cookie = client.get_cookie(cookie_name(any_app))
         assert cookie is not None
         assert client.post("/session/login", json={"user": "ana"}).status_code == 200
         late = any_app.test_client()
-        late.set_cookie("session", cookie.value)
+        late.set_cookie(cookie_name(any_app), cookie.value)
         response = late.post("/session/counter", headers=JSON)
         assert response.status_code == 409, response.get_data(as_text=True)
         assert client.get("/session/counter").json == {"counter": 1}
@@ -162,7 +162,7 @@ def test_unreachable_firestore_under_a_frozen_clock_answers_503_within_the_timeo
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     app = make_app(**firestore_env, FIRESTORE_TIMEOUT="1")
     client = app.test_client()
-    client.set_cookie("session", "some-session-id")
+    client.set_cookie(cookie_name(app), "some-session-id")
     moment = datetime.now(UTC) if when == "now" else when
     responses: list[TestResponse] = []
 

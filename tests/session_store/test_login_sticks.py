@@ -28,13 +28,13 @@ from werkzeug.test import TestResponse
 
 from pyloto_corp.records import base
 from pyloto_corp.session_store import SessionStore
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import DEPLOYED_COOKIE, LOCAL_COOKIE, SECRET, MakeApp, cookie_name
 from tests.services import FirestoreEmulator, Gunicorn, RedisServer
 from tests.session_store.conftest import Harness, sid_of
 
 
-def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}"}
+def _as(app: Flask, sid: str) -> dict[str, str]:
+    return {"Cookie": f"{cookie_name(app)}={sid}"}
 
 
 def _client(app: Flask) -> FlaskClient:
@@ -49,14 +49,16 @@ def _add_whoami(app: Flask) -> None:
 
 
 def _session_set_cookie(response: TestResponse) -> str | None:
+    """The Set-Cookie header of the session cookie (either name), the name dropped."""
     for header in response.headers.getlist("Set-Cookie"):
-        if header.startswith("session="):
-            return header
+        name, _, rest = header.partition("=")
+        if name in (DEPLOYED_COOKIE, LOCAL_COOKIE):
+            return "=" + rest
     return None
 
 
 def _login(app: Flask, sid: str) -> str:
-    response = _client(app).post("/session/login", json={"user": "ana"}, headers=_as(sid))
+    response = _client(app).post("/session/login", json={"user": "ana"}, headers=_as(app, sid))
     assert response.status_code == 200
     new = sid_of(response)
     assert new != sid
@@ -77,16 +79,16 @@ def test_a_request_carrying_the_retired_id_saves_nothing_and_sends_no_cookie(
 ) -> None:
     app, old, new = _signed_in(backend)
 
-    late_write = _client(app).post("/session/counter", headers=_as(old))
+    late_write = _client(app).post("/session/counter", headers=_as(app, old))
     assert late_write.status_code == 409
     assert _session_set_cookie(late_write) is None
-    late_read = _client(app).get("/whoami", headers=_as(old))
+    late_read = _client(app).get("/whoami", headers=_as(app, old))
     assert late_read.status_code == 200
     assert late_read.json == {"user": None, "counter": None}
     assert _session_set_cookie(late_read) is None
     assert backend.read_raw(app, backend.store_id(app, old)) is None
 
-    signed_in = _client(app).get("/whoami", headers=_as(new))
+    signed_in = _client(app).get("/whoami", headers=_as(app, new))
     assert signed_in.json == {"user": "ana", "counter": 1}
 
 
@@ -95,13 +97,13 @@ def test_a_logout_carrying_the_pre_login_id_ends_the_signed_in_session(
 ) -> None:
     app, old, new = _signed_in(backend)
 
-    logout = _client(app).delete("/session", headers=_as(old))
+    logout = _client(app).delete("/session", headers=_as(app, old))
     assert logout.status_code == 200
     deleted = _session_set_cookie(logout)
     assert deleted is not None
-    assert deleted.startswith("session=;")
+    assert deleted.startswith("=;")
     assert backend.read_raw(app, backend.store_id(app, new)) is None
-    assert _client(app).get("/whoami", headers=_as(new)).json == {
+    assert _client(app).get("/whoami", headers=_as(app, new)).json == {
         "user": None,
         "counter": None,
     }
@@ -114,11 +116,11 @@ def test_a_login_submitted_twice_signs_in_on_a_fresh_id(backend: Harness) -> Non
     _add_whoami(app)
     old = sid_of(_client(app).post("/session/counter"))
     first = _login(app, old)
-    again = _client(app).post("/session/login", json={"user": "ana"}, headers=_as(old))
+    again = _client(app).post("/session/login", json={"user": "ana"}, headers=_as(app, old))
     assert again.status_code == 200
     second = sid_of(again)
     assert second not in (old, first)
-    assert _client(app).get("/whoami", headers=_as(second)).json["user"] == "ana"
+    assert _client(app).get("/whoami", headers=_as(app, second)).json["user"] == "ana"
 
 
 def test_emptying_the_session_on_the_pre_login_id_is_a_logout_of_the_new_one(
@@ -136,10 +138,13 @@ def test_emptying_the_session_on_the_pre_login_id_is_a_logout_of_the_new_one(
 
     old = sid_of(_client(app).post("/session/counter"))
     new = _login(app, old)
-    logout = _client(app).post("/logout-by-clearing", headers=_as(old))
+    logout = _client(app).post("/logout-by-clearing", headers=_as(app, old))
     assert logout.status_code == 200
-    assert (_session_set_cookie(logout) or "").startswith("session=;")
-    assert _client(app).get("/whoami", headers=_as(new)).json == {"user": None, "counter": None}
+    assert (_session_set_cookie(logout) or "").startswith("=;")
+    assert _client(app).get("/whoami", headers=_as(app, new)).json == {
+        "user": None,
+        "counter": None,
+    }
 
 
 def test_no_write_can_bring_a_retired_id_back(backend: Harness) -> None:
@@ -172,15 +177,15 @@ def test_a_response_never_resends_the_cookie_the_browser_holds(backend: Harness)
 
     first = _client(app).post("/session/counter")
     sid = sid_of(first)
-    again = _client(app).post("/session/counter", headers=_as(sid))
+    again = _client(app).post("/session/counter", headers=_as(app, sid))
     assert again.json == {"counter": 2}
     assert _session_set_cookie(again) is None
     assert "Cookie" in again.headers["Vary"]
     # Making it permanent changes the cookie's expiry: that is sent, once.
-    permanent = _client(app).post("/remember", headers=_as(sid))
+    permanent = _client(app).post("/remember", headers=_as(app, sid))
     assert "Expires=" in (_session_set_cookie(permanent) or "")
     assert sid_of(permanent) == sid
-    assert _session_set_cookie(_client(app).post("/remember", headers=_as(sid))) is None
+    assert _session_set_cookie(_client(app).post("/remember", headers=_as(app, sid))) is None
 
 
 def test_signing_in_without_rotate_session_id_still_moves_the_session(backend: Harness) -> None:
@@ -195,19 +200,19 @@ def test_signing_in_without_rotate_session_id_still_moves_the_session(backend: H
         return {"ok": True}
 
     planted = sid_of(_client(app).post("/session/counter"))
-    response = _client(app).post("/as/ana", headers=_as(planted))
+    response = _client(app).post("/as/ana", headers=_as(app, planted))
     signed_in = sid_of(response)
     assert signed_in != planted
     assert backend.read_raw(app, backend.store_id(app, planted)) is None
-    assert _client(app).get("/whoami", headers=_as(planted)).json["user"] is None
-    assert _client(app).get("/whoami", headers=_as(signed_in)).json == {
+    assert _client(app).get("/whoami", headers=_as(app, planted)).json["user"] is None
+    assert _client(app).get("/whoami", headers=_as(app, signed_in)).json == {
         "user": "ana",
         "counter": 1,
     }
     # Another user taking over the session moves it again; the same user does not.
-    other = sid_of(_client(app).post("/as/bob", headers=_as(signed_in)))
+    other = sid_of(_client(app).post("/as/bob", headers=_as(app, signed_in)))
     assert other != signed_in
-    same = _client(app).post("/as/bob", headers=_as(other))
+    same = _client(app).post("/as/bob", headers=_as(app, other))
     assert same.status_code == 200
     assert _session_set_cookie(same) is None
 
@@ -223,8 +228,8 @@ def test_rotation_on_sign_in_can_be_turned_off(make_app: MakeApp) -> None:
         return {"ok": True}
 
     anonymous = sid_of(_client(app).post("/session/counter"))
-    signed_in = sid_of(_client(app).post("/as/ana", headers=_as(anonymous)))
-    response = _client(app).post("/as/bob", headers=_as(signed_in))
+    signed_in = sid_of(_client(app).post("/as/ana", headers=_as(app, anonymous)))
+    response = _client(app).post("/as/bob", headers=_as(app, signed_in))
     assert response.status_code == 200
     assert _session_set_cookie(response) is None  # same id, same cookie: nothing to send
 
@@ -236,9 +241,9 @@ def test_the_marker_stops_counting_after_its_linger(
     app = backend.make()
     old = sid_of(_client(app).post("/session/counter"))
     _login(app, old)
-    assert _client(app).post("/session/counter", headers=_as(old)).status_code == 409
+    assert _client(app).post("/session/counter", headers=_as(app, old)).status_code == 409
     time.sleep(1.2)
-    fresh = _client(app).post("/session/counter", headers=_as(old))
+    fresh = _client(app).post("/session/counter", headers=_as(app, old))
     assert fresh.status_code == 200
     assert fresh.json == {"counter": 1}
     assert sid_of(fresh) != old
@@ -255,8 +260,8 @@ def test_a_session_an_earlier_release_stored_is_retired_at_login(
     old = "earlier-release-session-id"
     backend.write_raw(app, backend.store_id(app, old), codec.dumps({"counter": 5}))
     new = _login(app, old)
-    assert _client(app).post("/session/counter", headers=_as(old)).status_code == 409
-    assert _client(app).get("/whoami", headers=_as(new)).json == {"user": "ana", "counter": 5}
+    assert _client(app).post("/session/counter", headers=_as(app, old)).status_code == 409
+    assert _client(app).get("/whoami", headers=_as(app, new)).json == {"user": "ana", "counter": 5}
 
 
 # -- through real gunicorn: a login racing the page's in-flight writes ---------------------------
@@ -268,7 +273,7 @@ Answer = tuple[float, int, str | None, bytes]
 def _call(port: int, method: str, path: str, sid: str, body: object = None) -> Answer:
     """(when the answer arrived, status, the session cookie it set or deleted, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Cookie": f"session={sid}"}
+    headers = {"Cookie": f"{DEPLOYED_COOKIE}={sid}"}  # the servers run in production
     payload = None
     if body is not None:
         payload = json.dumps(body).encode()
@@ -279,10 +284,10 @@ def _call(port: int, method: str, path: str, sid: str, body: object = None) -> A
         data = response.read()
         cookie = None
         for name, value in response.getheaders():
-            if name.lower() == "set-cookie" and value.startswith("session="):
+            if name.lower() == "set-cookie" and value.startswith(f"{DEPLOYED_COOKIE}="):
                 jar: SimpleCookie = SimpleCookie()
                 jar.load(value)
-                cookie = jar["session"].value
+                cookie = jar[DEPLOYED_COOKIE].value
         return time.monotonic(), response.status, cookie, data
     finally:
         connection.close()

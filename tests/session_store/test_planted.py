@@ -24,7 +24,7 @@ from pyloto_corp.session_store import (
     user_sessions,
 )
 from pyloto_corp.session_store.base import CREATED_AT, Changes, record_size
-from tests.conftest import MakeApp
+from tests.conftest import MakeApp, cookie_name
 from tests.session_store.conftest import HARNESSES, Harness, user_routes
 from tests.stored import store_session
 
@@ -69,7 +69,7 @@ def test_a_creation_time_that_is_no_time_is_a_malformed_session(
     data = {"_permanent": True, CREATED_AT: created, "counter": 41, "_user_id": "ana"}
     store_id = _plant(app, PLANTED_SID, data)
     client = app.test_client()
-    client.set_cookie("session", PLANTED_SID)
+    client.set_cookie(cookie_name(app), PLANTED_SID)
     with caplog.at_level(logging.WARNING, logger="pyloto_corp"):
         assert client.get("/session/counter").json == {"counter": 0}
         written = client.post("/session/counter")
@@ -87,10 +87,10 @@ def test_a_creation_time_within_the_range_still_times_out(store: Harness) -> Non
     old = _plant(app, "old-" + "o" * 40, {CREATED_AT: time.time() - 8 * DAY, "counter": 1})
     _plant(app, "recent-" + "r" * 40, {CREATED_AT: time.time() - 6 * DAY, "counter": 2})
     client = app.test_client()
-    client.set_cookie("session", "old-" + "o" * 40)
+    client.set_cookie(cookie_name(app), "old-" + "o" * 40)
     assert client.get("/session/counter").json == {"counter": 0}
     assert store.read_raw(app, old) is None
-    client.set_cookie("session", "recent-" + "r" * 40)
+    client.set_cookie(cookie_name(app), "recent-" + "r" * 40)
     assert client.get("/session/counter").json == {"counter": 2}
 
 
@@ -104,7 +104,7 @@ def test_a_record_over_the_size_limit_is_no_session_and_no_500(
     data = {CREATED_AT: int(time.time()), "counter": 7, "blob": "x" * 20_000}
     store_id = _plant(app, PLANTED_SID, data)
     client = app.test_client()
-    client.set_cookie("session", PLANTED_SID)
+    client.set_cookie(cookie_name(app), PLANTED_SID)
     with caplog.at_level(logging.WARNING, logger="pyloto_corp"):
         assert client.get("/session/counter").json == {"counter": 0}
         for expected in (1, 2):  # the new session's writes succeed, request after request
@@ -124,7 +124,7 @@ def test_a_malformed_record_is_no_session_and_no_500(
     store_id = interface.store_id(PLANTED_SID)
     store.write_raw(app, store_id, RECORD_MARKER + b"\x00\x00\x00\x09ab")  # truncated framing
     client = app.test_client()
-    client.set_cookie("session", PLANTED_SID)
+    client.set_cookie(cookie_name(app), PLANTED_SID)
     with caplog.at_level(logging.WARNING, logger="pyloto_corp"):
         assert client.get("/session/counter").json == {"counter": 0}
         assert client.post("/session/counter").status_code == 200
@@ -208,7 +208,7 @@ def test_a_record_of_the_previous_release_at_the_old_limit_is_still_read(
     assert sum(len(k) + len(codec.pack_value(k, v)) for k, v in data.items()) <= 4096
     _plant(app, PLANTED_SID, data)
     client = app.test_client()
-    client.set_cookie("session", PLANTED_SID)
+    client.set_cookie(cookie_name(app), PLANTED_SID)
     assert client.get("/session/counter").json == {"counter": 5}
 
 

@@ -15,7 +15,7 @@ from pyloto_corp.records.redis.options import parse_url
 from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import hashed_store_id
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import SECRET, MakeApp, cookie_name
 from tests.redis_commands import commands
 from tests.services import free_port
 
@@ -198,7 +198,7 @@ def test_a_cluster_url_builds_no_client_until_the_first_request(make_app: MakeAp
     assert isinstance(interface.records, RedisRecords)
     assert interface.records.has_client() is False
     client = app.test_client()
-    client.set_cookie("session", "x" * 43)
+    client.set_cookie(cookie_name(app), "x" * 43)
     response = client.get("/session/counter", headers={"Accept": "application/json"})
     assert response.status_code == 503
     assert app.test_client().get("/readyz").status_code == 503

@@ -38,7 +38,7 @@ from pyloto_corp.records.redis.store import RedisRecords
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import hashed_store_id
 from pyloto_corp.views import bp
-from tests.conftest import SECRET, TLS_PASSWORD, MakeApp, redis_production_env
+from tests.conftest import DEPLOYED_COOKIE, SECRET, TLS_PASSWORD, MakeApp, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisClusterNodes, RedisServer
 from tests.tls_services import TlsFiles, TlsRedisCluster, TlsRedisServer, TlsSentinel
@@ -64,13 +64,13 @@ def _http(app: Flask) -> FlaskClient:
 
 
 def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}", **JSON}
+    return {"Cookie": f"{DEPLOYED_COOKIE}={sid}", **JSON}
 
 
 def _sid(response: TestResponse) -> str:
     for header in response.headers.getlist("Set-Cookie"):
         name, _, rest = header.partition("=")
-        if name == "session":
+        if name == DEPLOYED_COOKIE:
             return rest.split(";", 1)[0]
     raise AssertionError(f"no session cookie: {response.headers}")
 
@@ -113,7 +113,7 @@ def _round_trip(app: Flask, exists: Any) -> dict[str, Any]:
     logout = http.delete("/session", headers=_as(sid))
     assert logout.status_code == 200
     assert logout.json == {"cleared": True}
-    assert "session=;" in logout.headers.get("Set-Cookie", "")
+    assert f"{DEPLOYED_COOKIE}=;" in logout.headers.get("Set-Cookie", "")
     assert not exists(store_id)
     assert _counter(app, sid) == 0  # the old cookie names nothing any more
     return {"store_id": store_id}

@@ -27,7 +27,7 @@ from pyloto_corp.session_store import (
     user_sessions,
 )
 from pyloto_corp.session_store.base import CREATED_AT
-from tests.conftest import MakeApp, redis_production_env
+from tests.conftest import MakeApp, cookie_name, redis_production_env
 from tests.redis_commands import commands
 from tests.services import RedisServer
 from tests.session_store.conftest import HARNESSES, Harness, user_routes
@@ -108,7 +108,7 @@ def test_a_revoke_ends_sessions_in_other_processes_and_sessions_no_listing_finds
     and Redis a session missing from the index: ended too."""
     app = _routes(any_store.make())
     client = _login(app, "ana")
-    sid = client.get_cookie("session")
+    sid = client.get_cookie(cookie_name(app))
     assert sid is not None
     interface = _interface(app)
     hidden_sid = "hidden-" + "h" * 40
@@ -122,7 +122,7 @@ def test_a_revoke_ends_sessions_in_other_processes_and_sessions_no_listing_finds
     other = _routes(any_store.make()) if any_store.name != "memory" else app
     for cookie in (sid.value, hidden_sid):
         reader = other.test_client()
-        reader.set_cookie("session", cookie)
+        reader.set_cookie(cookie_name(app), cookie)
         assert _user(reader) is None
 
 
@@ -138,10 +138,10 @@ def test_keep_current_survives_its_own_revoke_everywhere(any_store: Harness) -> 
         assert response.json == {"ended": 1}
         assert _user(here) == "ana"
         assert _user(there) is None
-        sid = here.get_cookie("session")
+        sid = here.get_cookie(cookie_name(app))
         assert sid is not None
         elsewhere = (_routes(any_store.make()) if any_store.name != "memory" else app).test_client()
-        elsewhere.set_cookie("session", sid.value)
+        elsewhere.set_cookie(cookie_name(app), sid.value)
         assert _user(elsewhere) == "ana"
         with app.app_context():
             assert len(user_sessions("ana")) == 1
@@ -249,12 +249,12 @@ def test_a_logged_in_read_costs_one_round_trip_with_the_mark(
         assert commands(redis_client) == expected
         assert sent == [1]
     # Another process (a fresh app: nothing remembered): the first read learns the user.
-    sid = client.get_cookie("session")
+    sid = client.get_cookie(cookie_name(app))
     assert sid is not None
     other_app = _routes(make_app(**redis_env))
     _interface(other_app).records.client.ping()  # its connection opened (and its handshake sent)
     other = other_app.test_client()
-    other.set_cookie("session", sid.value)
+    other.set_cookie(cookie_name(app), sid.value)
     for expected_trips in (2, 1, 1):
         with _counting_round_trips() as sent:
             assert _user(other) == "ana"
@@ -271,7 +271,7 @@ def test_a_logged_in_read_on_a_cluster_sends_to_both_nodes_before_reading(
     nodes = set()
     for _ in range(20):  # logins until one session and the mark sit on different nodes
         client = _login(app, "ana")
-        sid = client.get_cookie("session")
+        sid = client.get_cookie(cookie_name(app))
         assert sid is not None
         nodes = {
             cluster.get_node_from_key(interface.store_id(sid.value)).name,

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from pyloto_corp.session_store import SessionStore
 from pyloto_corp.session_store.base import SERVICE
-from tests.conftest import MakeApp
+from tests.conftest import DEPLOYED_COOKIE, MakeApp
 from tests.stored import store_session, stored_session
 
 HTTPS = "https://localhost"
@@ -46,11 +46,12 @@ def _client(app: Flask) -> FlaskClient:
 
 
 def _sid(header: str) -> str:
+    assert header.startswith(f"{DEPLOYED_COOKIE}="), header
     return header.split(";", 1)[0].split("=", 1)[1]
 
 
 def _as(sid: str) -> dict[str, str]:
-    return {"Cookie": f"session={sid}"}
+    return {"Cookie": f"{DEPLOYED_COOKIE}={sid}"}
 
 
 def test_one_services_cookie_does_not_sign_in_to_another(
@@ -94,4 +95,5 @@ def test_a_chosen_prefix_is_not_stamped(make_app: MakeApp, store_env: dict[str, 
     stored = stored_session(app, SessionStore.state(app).interface.store_id(sid))
     assert stored is not None
     assert SERVICE not in stored
-    assert set(stored) == {"_user_id", "_created_at", "_user_since"}
+    # _host: written under the __Host- cookie (see test_host_cookie.py), not a service stamp.
+    assert set(stored) == {"_user_id", "_created_at", "_user_since", "_host"}

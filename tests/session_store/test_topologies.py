@@ -29,7 +29,7 @@ import redis
 from flask import Flask, session
 
 from pyloto_corp.session_store import SessionStore
-from tests.conftest import SECRET, MakeApp
+from tests.conftest import DEPLOYED_COOKIE, SECRET, MakeApp, cookie_name
 from tests.services import Gunicorn
 from tests.session_store.conftest import HARNESSES, Harness
 from tests.topology_services import (
@@ -51,7 +51,7 @@ def valkey(make_app: MakeApp, request: pytest.FixtureRequest) -> Harness:
 
 def _sid(response: Any) -> str:
     header = response.headers.get("Set-Cookie", "")
-    assert header.startswith("session="), header
+    assert header.startswith(f"{DEPLOYED_COOKIE}="), header
     return str(header.split(";", 1)[0].split("=", 1)[1])
 
 
@@ -87,7 +87,7 @@ def test_valkey_overlapping_requests_writing_different_keys_both_land(valkey: Ha
 
     def writer(key: str) -> None:
         other = app.test_client()
-        other.set_cookie("session", sid)
+        other.set_cookie(cookie_name(app), sid)
         statuses[key] = other.post(f"/put/{key}").status_code
 
     threads = [threading.Thread(target=writer, args=(key,)) for key in ("left", "right")]
@@ -118,7 +118,7 @@ def test_valkey_logout_is_final(valkey: Harness) -> None:
 
     def late_writer() -> None:
         other = app.test_client()
-        other.set_cookie("session", sid)
+        other.set_cookie(cookie_name(app), sid)
         response = other.post("/slow", headers={"Accept": "application/json"})
         result.update(status=response.status_code, cookie=response.headers.get("Set-Cookie"))
 
@@ -131,7 +131,7 @@ def test_valkey_logout_is_final(valkey: Harness) -> None:
     assert result == {"status": 409, "cookie": None}
     assert valkey.read_raw(app, valkey.store_id(app, sid)) is None
     replay = app.test_client()
-    replay.set_cookie("session", sid)
+    replay.set_cookie(cookie_name(app), sid)
     assert replay.get("/session/counter").json == {"counter": 0}
     assert valkey.read_raw(app, valkey.store_id(app, sid)) is None
 
