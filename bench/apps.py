@@ -6,7 +6,8 @@
 - ``flask_session``: Flask-Session 0.8's Redis interface as documented, with its defaults;
 - ``flask_session_norefresh``: the same with SESSION_REFRESH_EACH_REQUEST off (one GET per read,
   no sliding expiry: the one-round-trip limit);
-- ``ours``: ``pyloto_corp.create_app()`` configured from the environment.
+- ``ours``: ``pyloto_corp.create_app()`` configured from the environment;
+- ``ours_untraced``: the same without its telemetry wrappers (to price telemetry when off).
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def ours() -> Flask:
     return create_app()
 
 
+def ours_untraced() -> Flask:
+    """``ours`` with the telemetry wrappers taken off its record store: the read path that the
+    one with telemetry off (no SDK configured) is compared with (within 2 %)."""
+    from pyloto_corp.session_store import SessionStore
+    from pyloto_corp.telemetry import OPERATIONS
+
+    app = ours()
+    records = SessionStore.state(app).interface.records
+    for name in OPERATIONS:
+        vars(records).pop(name, None)
+    return app
+
+
 def create() -> Flask:
     name = os.environ["BENCH_APP"]
     if name == "cookie":
@@ -66,4 +80,6 @@ def create() -> Flask:
         return flask_session(refresh=False)
     if name == "ours":
         return ours()
+    if name == "ours_untraced":
+        return ours_untraced()
     raise SystemExit(f"BENCH_APP={name!r} is not one of cookie, flask_session, ours")

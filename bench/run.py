@@ -62,6 +62,8 @@ WORKERS = 2
 #: one worker wins (almost) all of them: that run measures one process instead of two, at about a
 #: third of the rate, whatever the app. Such a run is detected with ss and run again.
 MAX_ATTEMPTS = 5
+#: The app whose read path is the reference for telemetry's cost when off (bench/apps.py).
+UNTRACED = "ours_untraced"
 # With --pin, the served app runs on CPU 0 and wrk on CPU 1, so the load generator does not steal
 # the app's cycles at random: the comparison between apps gets much steadier.
 PIN_SERVER: list[str] = []
@@ -608,9 +610,12 @@ def main(argv: list[str] | None = None) -> int:
                 {name: env(name) for name in served}, seconds, rounds, stores
             )
             documents = firestore_operations(env("ours_firestore"), seconds)
-            in_process_us = in_process_rounds({name: env(name) for name in names}, count, rounds)
+            in_process_envs = {name: env(name) for name in names}
+            in_process_envs[UNTRACED] = {**env("ours_redis"), "BENCH_APP": UNTRACED}
+            in_process_us = in_process_rounds(in_process_envs, count, rounds)
             for name, samples in in_process_us.items():
-                rows[name].in_process_us = statistics.median(samples)
+                if name in rows:
+                    rows[name].in_process_us = statistics.median(samples)
             commands = per_request_commands(env("ours_redis"), [store])
             cluster_commands = per_request_commands(env("ours_cluster"), nodes)
             lost = lost_updates(
@@ -809,6 +814,19 @@ def main(argv: list[str] | None = None) -> int:
     target(
         vs_defaults >= 1.25,
         f"{vs_defaults:.2f}x Flask-Session defaults under gunicorn (>= 1.25x)",
+        timing=True,
+    )
+    telemetry_off = paired_ratio(in_process_us, "ours_redis", UNTRACED)
+    print(
+        "Telemetry off (OpenTelemetry API, no SDK): the in-process read path costs "
+        f"{telemetry_off:.3f}x the same app without the telemetry wrappers "
+        f"({statistics.median(in_process_us['ours_redis']):.0f} vs "
+        f"{statistics.median(in_process_us[UNTRACED]):.0f} us per request, median of "
+        f"{len(in_process_us[UNTRACED])} paired rounds)"
+    )
+    target(
+        telemetry_off <= 1.02,
+        f"telemetry off costs {100 * (telemetry_off - 1):+.1f} % on the read path (<= 2 %)",
         timing=True,
     )
     in_process_vs_defaults = paired_ratio(in_process_us, "flask_session", "ours_redis")

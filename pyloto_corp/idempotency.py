@@ -43,6 +43,7 @@ from .errors import LeaseLost, SessionStoreUnavailable, SessionTooLarge, StateBu
 from .records import codec
 from .records.base import Done, Entry, Held, Lease
 from .state import _Bound, _duration, bind
+from .telemetry import count_answer
 
 logger = logging.getLogger("pyloto_corp.idempotency")
 
@@ -208,6 +209,8 @@ class _Refusal(Exception):
         )
 
     def response(self) -> Response:
+        if self.status == 409:
+            count_answer(409, self.error)
         response = jsonify(error=self.error, message=self.message)
         response.status_code = self.status
         response.headers["Cache-Control"] = "no-store"

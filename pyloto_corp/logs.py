@@ -1,5 +1,6 @@
 """Logging for Cloud Logging: one JSON object per line with ``severity``, ``message`` and the
-request's trace, via python-json-logger; plain text in development.
+request's trace (and span, with OpenTelemetry), via python-json-logger; plain text in
+development.
 
 Cloud Logging links a line to its request when ``logging.googleapis.com/trace`` is
 ``projects/PROJECT/traces/TRACE_ID``, TRACE_ID being the part of ``X-Cloud-Trace-Context``
@@ -13,7 +14,10 @@ from typing import Any
 
 from flask import has_request_context, request
 
+from .telemetry import current_ids
+
 TRACE_FIELD = "logging.googleapis.com/trace"
+SPAN_FIELD = "logging.googleapis.com/spanId"
 TRACE_HEADER = "X-Cloud-Trace-Context"
 
 
@@ -25,7 +29,13 @@ class CloudTraceFilter(logging.Filter):
         self.project = project
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.project and has_request_context():
+        if not self.project:
+            return True
+        ids = current_ids()  # a span is current (OpenTelemetry configured): its trace
+        if ids is not None:
+            setattr(record, TRACE_FIELD, f"projects/{self.project}/traces/{ids[0]}")
+            setattr(record, SPAN_FIELD, ids[1])
+        elif has_request_context():
             header = request.headers.get(TRACE_HEADER, "")
             trace_id = header.split("/", 1)[0].strip()
             if trace_id.isalnum():

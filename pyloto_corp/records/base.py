@@ -362,6 +362,10 @@ class RecordStore(ABC):
         client: T = current[1]
         return client
 
+    def server_address(self) -> str | None:
+        """The store's host for telemetry (``server.address``): never a URL, user or password."""
+        return None
+
     def check_size(self, size: int) -> None:
         """Raise SessionTooLarge when a record of ``size`` bytes exceeds the limit."""
         if size > self.max_bytes:

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import random
 import re
 import sys
@@ -353,6 +354,11 @@ class FirestoreRecords(RecordStore):
                 f"({type(exc).__name__}); on Cloud Run grant the service account "
                 "roles/datastore.user"
             ) from None
+
+    def server_address(self) -> str | None:
+        """The emulator's host when FIRESTORE_EMULATOR_HOST is set, else Firestore's endpoint."""
+        emulator = os.environ.get("FIRESTORE_EMULATOR_HOST", "")
+        return emulator.rsplit(":", 1)[0] if emulator else "firestore.googleapis.com"
 
     def _document(self, store_id: str) -> firestore.DocumentReference:
         return self.client.collection(self.collection).document(store_id)

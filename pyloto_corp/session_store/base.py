@@ -50,6 +50,7 @@ from ..records.base import (
     record_size,
     user_since,
 )
+from ..telemetry import Telemetry, count_answer
 from .breaker import DEFAULT_COOLDOWN, Breaker
 
 if TYPE_CHECKING:
@@ -269,6 +270,8 @@ class StoreInterface(ServerSideSessionInterface):
         self.breaker = Breaker(cooldown)
         #: The backend's store: this interface's sessions, and keyed state's entries.
         self.records = records
+        #: Its spans and metrics (set by SessionStore.init_app).
+        self.telemetry: Telemetry | None = None
         self.backend_name = records.backend_name
         #: Store id -> its user, as this process last saw it (see ``read``'s ``user``).
         self._owners: dict[str, str] = {}
@@ -823,7 +826,10 @@ def _unproxied(session: object) -> StoreSession:
 
 def _error_response(error: str, message: str, status: int, **extra: str) -> Response:
     """JSON for clients that prefer it, plain text otherwise; never stored by a cache (it
-    answers one request of one session) nor sniffed as another content type."""
+    answers one request of one session) nor sniffed as another content type. A 503 or 409 is
+    counted (``pyloto.session_store.answers``)."""
+    if status in (409, 503):
+        count_answer(status, error)
     if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
         response = jsonify(error=error, message=message, **extra)
     else:

@@ -69,6 +69,8 @@ class Breaker:
             )
         self.cooldown = cooldown
         self.clock = clock
+        #: Called once per opening (telemetry counts them).
+        self.on_open: Callable[[], None] | None = None
         self._held: tuple[int, _State] | None = None
 
     def _state(self) -> _State:
@@ -184,6 +186,8 @@ class Breaker:
             exc,
             self.cooldown,
         )
+        if self.on_open is not None:
+            self.on_open()
 
     def _succeeded(self, state: _State) -> None:
         if state.opened_at is None:

@@ -21,6 +21,7 @@ from ..config.rate_limits import limiters, rate_limit_problems, rate_limit_stora
 from ..config.settings import Settings, Var
 from ..errors import ConfigurationError, LeaseLost, SessionStoreUnavailable, StateBusy
 from ..records.base import RecordStore
+from ..telemetry import instrument
 from .base import (
     StoreInterface,
     answer_lease_lost,
@@ -96,7 +97,11 @@ class SessionStore:
         _configure_flask(app, settings)
         backend = importlib.import_module(f"pyloto_corp.records.{settings.session_store_backend}")
         records: RecordStore = backend.create_store(settings, client)
+        # Spans and metrics around every store call (no-ops until an SDK is configured).
+        telemetry = instrument(records, records.server_address())
         interface = StoreInterface(app, records, **interface_options(settings))
+        interface.telemetry = telemetry
+        interface.breaker.on_open = telemetry.opened
         app.session_interface = interface
         # A view that uses the session while the store is down gets a 503, not a 500.
         app.register_error_handler(SessionStoreUnavailable, answer_store_unavailable)

@@ -97,6 +97,14 @@ class RedisRecords(RecordStore):
         except self.errors.store as exc:
             raise self._unavailable(exc) from None
 
+    def server_address(self) -> str | None:
+        """The host of REDIS_URL (its first seed for a cluster or Sentinel)."""
+        if not self.display_url.startswith(("redis", "valkey")):
+            return None  # the app's own client: its address is its own business
+        netloc = self.display_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+        host = netloc.split(",", 1)[0]
+        return host.rsplit(":", 1)[0].strip("[]") or None
+
     def has_client(self) -> bool:
         return self._client is not None
 
