@@ -62,16 +62,24 @@ OPERATIONS: Final = (
 )
 
 
-def _outcome(result: object) -> str:
+#: Operations the contract lets a backend leave as no-ops (Redis slides expiry in its read).
+NO_OPS: Final = frozenset({"touch", "index", "unindex"})
+#: Operations whose None means "nothing there" (the others return None when they wrote).
+LOOKUPS: Final = frozenset({"read", "load", "revoked_at"})
+
+
+def _outcome(name: str, result: object) -> str:
     """What a call's result says, in one word (never the result itself)."""
-    if isinstance(result, Record | Lease):
-        return "hit" if not isinstance(result, Lease) or result.entry is not None else "miss"
-    if isinstance(result, Done):
+    if isinstance(result, Lease):
+        return "hit" if result.entry is not None else "miss"
+    if isinstance(result, Record | Done):
         return "hit"
     if isinstance(result, Held):
         return "busy"
-    if isinstance(result, Retired) or result is None:
+    if isinstance(result, Retired):
         return "miss"
+    if result is None:
+        return "miss" if name in LOOKUPS else "ok"
     if result is False:
         return "gone"
     return "written" if result is True else "ok"
@@ -237,7 +245,7 @@ class Telemetry:
                 attributes["error.type"] = error
                 raise
             else:
-                outcome = _outcome(result)
+                outcome = _outcome(name, result)
                 span.set_attribute("pyloto.store.outcome", outcome)
                 return result
             finally:
@@ -262,6 +270,8 @@ def instrument(records: RecordStore, server_address: str | None) -> Telemetry:
     """Wrap ``records``' operations (on this instance) with spans and metrics."""
     telemetry = Telemetry(records.backend_name, server_address)
     for name in OPERATIONS:
+        if getattr(type(records), name) is getattr(RecordStore, name, None) and name in NO_OPS:
+            continue  # the contract's default does nothing here: no span for nothing
         setattr(records, name, telemetry.traced(name, getattr(records, name)))
     return telemetry
 
