@@ -311,8 +311,10 @@ def in_process_rounds(
     """in_process() for every app, interleaved round by round like the wrk rounds, so a slow
     moment of the machine does not land on one app's only measurement."""
     samples: dict[str, list[float]] = {name: [] for name in envs}
-    for _ in range(rounds):
-        for name, env in envs.items():
+    for round_ in range(rounds):
+        # Every other round in reverse order: no app always runs first, or after a given one.
+        order = list(envs.items()) if round_ % 2 == 0 else list(reversed(envs.items()))
+        for name, env in order:
             app = "ours" if name.startswith("ours") else name
             samples[name].append(in_process(app, env, count))
     return samples
@@ -534,17 +536,22 @@ print(statistics.median(samples))
     return float(result.stdout.strip())
 
 
-def cold_start(runs: int, *candidates: tuple[dict[str, str], str]) -> list[tuple[float, list[str]]]:
-    """Per candidate (env, modules): median wall seconds of ``python -c "import MODULES"`` and the
-    google modules it loaded. Runs alternate between candidates so drift hits all alike."""
-    # Bytecode first, for all candidates alike, as in the image (pip compiles the installed
-    # package, the Dockerfile compiles wsgi.py): otherwise, with PYTHONDONTWRITEBYTECODE set, each
-    # run would time the compiler on the repo's own sources.
+def compile_sources() -> None:
+    """Bytecode first, for every app alike, as in the image (pip compiles the installed package,
+    the Dockerfile compiles wsgi.py): otherwise, on a fresh checkout or with
+    PYTHONDONTWRITEBYTECODE set, the first app measured would time the compiler on the repo's
+    own sources."""
     subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", "pyloto_corp", "wsgi.py", "bench"],
+        [sys.executable, "-m", "compileall", "-q", "pyloto_corp", "wsgi.py", "bench", "tests"],
         cwd=ROOT,
         check=True,
     )
+
+
+def cold_start(runs: int, *candidates: tuple[dict[str, str], str]) -> list[tuple[float, list[str]]]:
+    """Per candidate (env, modules): median wall seconds of ``python -c "import MODULES"`` and the
+    google modules it loaded. Runs alternate between candidates so drift hits all alike."""
+    compile_sources()
     times: list[list[float]] = [[] for _ in candidates]
     google: list[list[str]] = [[] for _ in candidates]
     for _ in range(runs):
@@ -574,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         PIN_SERVER[:] = [taskset, "-c", "0"]
         PIN_LOAD[:] = [taskset, "-c", "1"]
     seconds, rounds, count, runs = (2, 2, 200, 5) if args.quick else (4, 9, 600, 25)
+    compile_sources()
     if shutil.which("wrk") is None or shutil.which("ss") is None:
         raise SystemExit(
             "wrk or ss is not installed: run `make bench` (it installs Debian's wrk and iproute2)."
