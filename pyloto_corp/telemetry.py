@@ -21,6 +21,7 @@ Firestore has no Python instrumentation: these spans are the only ones there.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -97,12 +98,27 @@ def _error_outcome(exc: BaseException) -> str:
 CLOUD_TRACE_HEADER: Final = "X-Cloud-Trace-Context"
 
 
+#: A provider named by the environment (OTEL_PYTHON_*_PROVIDER) is loaded on first use by the
+#: API; then the globals below say nothing until that happens.
+_PROVIDERS_FROM_ENV: Final = any(
+    name in os.environ for name in ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
+)
+_UNKNOWN: Final = object()
+
+
 def _api() -> tuple[Any, Any] | None:
     """The ``opentelemetry.trace`` and ``.metrics`` modules when a provider of either was set
-    (an SDK configured); None otherwise, without importing them (~40 ms at cold start)."""
+    (an SDK configured); None otherwise, without importing them (~40 ms at cold start). The
+    common answer, "none set", reads the API's two globals (~0.1 µs; its getters look at the
+    environment each time, ~1 µs each)."""
     trace = sys.modules.get("opentelemetry.trace")
     metrics = sys.modules.get("opentelemetry.metrics")
     if trace is None or metrics is None:
+        return None
+    internal = sys.modules.get("opentelemetry.metrics._internal")
+    tracer_set = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+    meter_set = getattr(internal, "_METER_PROVIDER", _UNKNOWN)
+    if tracer_set is None and meter_set is None and not _PROVIDERS_FROM_ENV:
         return None
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) and (
         type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider"
