@@ -436,10 +436,11 @@ def state_round_trips(app: Flask, stores: list[redis.Redis]) -> dict[str, int]:
     return state_operations.total(state_operations.redis_round_trips(app, stores))
 
 
-def state_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Firestore document operations per keyed-state operation, in a process of its own."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.state_operations", "firestore"],
+def document_operations(module: str, env: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Firestore document operations per step of ``tests.<module>`` (keyed state, idempotency),
+    in a process of its own (the emulator's client is per process)."""
+    result = subprocess.run(  # noqa: S603 - fixed arguments
+        [sys.executable, "-m", f"tests.{module}", "firestore"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -453,20 +454,6 @@ def state_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
 def idempotency_round_trips(app: Flask, stores: list[redis.Redis]) -> dict[str, int]:
     """Redis round trips per idempotency step, summed over the nodes."""
     return idempotency_operations.total(idempotency_operations.redis_round_trips(app, stores))
-
-
-def idempotency_documents(env: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Firestore document operations per idempotency step, in a process of its own."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.idempotency_operations", "firestore"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    operations: dict[str, dict[str, int]] = json.loads(result.stdout)
-    return operations
 
 
 def turns_on_one_conversation(
@@ -654,11 +641,11 @@ def main(argv: list[str] | None = None) -> int:
             state_app = quiet_app(env("ours_redis"))
             state_trips = state_round_trips(state_app, [store])
             state_cluster_trips = state_round_trips(quiet_app(env("ours_cluster")), nodes)
-            state_docs = state_documents(env("ours_firestore"))
+            state_docs = document_operations("state_operations", env("ours_firestore"))
             turns, counter = turns_on_one_conversation(env("ours_redis"), state_app, seconds)
             idem_trips = idempotency_round_trips(quiet_app(env("ours_redis")), [store])
             idem_cluster_trips = idempotency_round_trips(quiet_app(env("ours_cluster")), nodes)
-            idem_docs = idempotency_documents(env("ours_firestore"))
+            idem_docs = document_operations("idempotency_operations", env("ours_firestore"))
             (ours_cold, google), (base_cold, _), (environs_cold, _) = cold_start(
                 runs,
                 (env("ours_redis"), "wsgi"),

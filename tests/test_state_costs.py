@@ -14,6 +14,7 @@ from flask import Flask
 
 from tests.conftest import MakeApp
 from tests.firestore_operations import counting_document_operations
+from tests.redis_nodes import app_and_nodes
 from tests.session_store.conftest import HARNESSES
 from tests.state_operations import ID, costs, firestore_operations, redis_round_trips, total
 
@@ -22,16 +23,7 @@ from tests.state_operations import ID, costs, firestore_operations, redis_round_
 def on_redis(
     request: pytest.FixtureRequest, make_app: MakeApp
 ) -> Iterator[tuple[Flask, list[redis.Redis]]]:
-    """An app on redis-server or on the 3-primary cluster, and a client of each node."""
-    app = HARNESSES[request.param](make_app, request).make()
-    if request.param == "redis":
-        yield app, [request.getfixturevalue("redis_client")]
-        return
-    ports = request.getfixturevalue("redis_cluster").ports
-    nodes = [redis.Redis(port=port, socket_timeout=5) for port in ports]
-    yield app, nodes
-    for node in nodes:
-        node.close()
+    yield from app_and_nodes(request, make_app)
 
 
 def test_round_trips_per_operation_on_redis(on_redis: tuple[Flask, list[redis.Redis]]) -> None:
