@@ -276,10 +276,6 @@ def _now() -> datetime:
     return datetime.fromtimestamp(real_time(), UTC)
 
 
-def _path(key: str) -> str:
-    return FieldPath(FIELDS, field_name(key)).to_api_repr()
-
-
 #: Backoff between retries of a transient error (seconds).
 RETRY_INITIAL, RETRY_MAXIMUM = 0.05, 0.5
 
